@@ -1,0 +1,127 @@
+"""Dataclass schemas of the run configuration, registered in Hydra's ConfigStore.
+
+Values live in `conf/**.yaml`; these classes give them types, so a typo'd key or a wrong type fails at
+composition, before any model is loaded. Plug-in specific nodes (evaluator, judge, moe) are typed by their
+plug-ins and validated when the plug-in is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelsConfig:
+    """Which models are merged.
+
+    Args:
+        base: the common ancestor the task vectors are taken against (path, hub id or `zoo://name`).
+        models: name -> reference of each fine-tune; the name appears in parameter names and recipes.
+        target: what the task vectors are added to (chat-vector style); defaults to `base`.
+        tokenizer: where the tokenizer comes from; defaults to `target` or `base`.
+        dtype: dtype of the resident tensors and the live model (`auto` = as stored).
+        allow_pickle: accept `.bin` checkpoints (loaded with weights_only=True).
+    """
+
+    base: str = "zoo://base"
+    models: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class MergeConfig:
+    """The merge method and which of its declared parameters are searched.
+
+    Args:
+        method: a name registered in `optimizer.merge.registry.METHODS`.
+        search: parameters searched (default: every searchable parameter the method declares).
+        params: pinned values of parameters that are not searched (scalars, or {model: value}).
+        bounds: search bounds per parameter, [low, high] (default: the method's declared bounds).
+        log: log-scale sampling per parameter.
+        baselines: trials enqueued first, each {param: value} applied to every unit and model.
+    """
+
+    method: str = "task_arithmetic"
+    search: list[str] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    bounds: dict[str, list[float]] = field(default_factory=dict)
+    log: dict[str, bool] = field(default_factory=dict)
+    baselines: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class ModeConfig:
+    """Search granularity: `all`, `layer`, `parameter`, `block:K` or `gradient:K`."""
+
+    granularity: str = "layer"
+    split_attn_mlp: bool = False
+
+
+@dataclass
+class SamplerConfig:
+    """Optuna sampler by name (`tpe`, `cmaes`, `random`, `gp`, `nsga2`, `qmc`) with keyword arguments."""
+
+    name: str = "tpe"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StorageConfig:
+    """Where the study lives: `sqlite` (runs/<study>/study.db), `journal`, `postgresql`, `memory`."""
+
+    kind: str = "sqlite"
+    url: str | None = None
+    url_env: str = "OPTUNA_STORAGE_URL"
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    max_retry: int = 2
+
+
+@dataclass
+class ExportConfig:
+    """What is written after the study: the best model, its recipe and scores."""
+
+    enabled: bool = True
+    heldout: bool = True
+    references: bool = True
+    save_dtype: str | None = None
+
+
+@dataclass
+class Config:
+    """The root of a run. `n_trials` is the number of finished trials the study should reach."""
+
+    study_name: str = "demo"
+    n_trials: int = 30
+    seed: int = 0
+    device: str = "auto"
+    run_root: str = "runs"
+    max_failures: int = 5
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluator: Any = None
+    judge: Any = None
+    moe: Any = None
+    objective: Any = None
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/config.yaml` can use `base_config` as its first default."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="models", name="base_models", node=ModelsConfig)
+    cs.store(group="merge", name="base_merge", node=MergeConfig)
+    cs.store(group="mode", name="base_mode", node=ModeConfig)
+    cs.store(group="sampler", name="base_sampler", node=SamplerConfig)
+    cs.store(group="storage", name="base_storage", node=StorageConfig)

@@ -1,0 +1,183 @@
+"""lm-eval evaluator: one HFLM around the live model, task dicts built once per split, reused every trial."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from optimizer import UserError
+from optimizer.eval import register_evaluator
+from optimizer.eval.base import HELDOUT, SEARCH, Scores
+
+
+@dataclass
+class TaskSpec:
+    """One lm-eval task in the objective.
+
+    Args:
+        name: a task name in lm-eval's registry or under an include path.
+        weight: its weight in the objective (weighted mean over tasks).
+        metric: the metric that scores it (default: the task's first metric, e.g. acc).
+        search_split / heldout_split: the dataset split used for each purpose (None: the task's test split
+            for search; no held-out score).
+        num_fewshot, limit: as in lm-eval (limit: an item count, or a fraction when < 1).
+    """
+
+    name: str = "???"
+    weight: float = 1.0
+    metric: str | None = None
+    search_split: str | None = None
+    heldout_split: str | None = None
+    num_fewshot: int | None = None
+    limit: float | None = None
+
+
+@dataclass
+class LmEvalConfig:
+    name: str = "lm_eval"
+    tasks: list[TaskSpec] = field(default_factory=list)
+    include_path: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    max_length: int = 512
+    apply_chat_template: bool = False
+    limit: float | None = None
+
+
+def parse_config(node: Any) -> LmEvalConfig:
+    """Typed view of the `evaluator` node; a plain string in `tasks` is a task name."""
+    raw = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    raw["tasks"] = [{"name": t} if isinstance(t, str) else t for t in raw.get("tasks", [])]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(LmEvalConfig), raw)
+    except Exception as e:
+        raise UserError(f"evaluator config is invalid: {e}".replace("\n", " ")) from None
+    cfg: LmEvalConfig = OmegaConf.to_object(merged)
+    if not cfg.tasks:
+        raise UserError("evaluator.tasks is empty: list at least one lm-eval task name.")
+    return cfg
+
+
+class LmEvalEvaluator:
+    """Scores the live model with lm-eval; the trial value is the weighted mean of the task metrics."""
+
+    name = "lm_eval"
+
+    def __init__(self, cfg: LmEvalConfig, context: dict[str, Any]):
+        self.cfg = cfg
+        self.context = context
+        self._lm = None
+        self._lm_model = None
+        self._task_dicts: dict[str, Any] = {}
+        self._manager = None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t.name: t.weight for t in self.cfg.tasks}
+
+    def splits(self) -> tuple[str, ...]:
+        return (SEARCH, HELDOUT) if all(t.heldout_split for t in self.cfg.tasks) else (SEARCH,)
+
+    def _task_manager(self) -> Any:
+        if self._manager is None:
+            from lm_eval.tasks import TaskManager
+
+            paths = [str(Path(p).expanduser()) for p in self.cfg.include_path]
+            for p in paths:
+                if not Path(p).is_dir():
+                    raise UserError(f"evaluator.include_path entry {p!r} is not a folder of lm-eval task YAMLs.")
+            self._manager = TaskManager(include_path=paths or None, verbosity="ERROR")
+        return self._manager
+
+    def validate(self) -> None:
+        """Every task name must resolve in lm-eval's registry (or the include paths) before any trial."""
+        manager = self._task_manager()
+        known = set(manager.all_tasks)
+        for t in self.cfg.tasks:
+            if t.name not in known:
+                close = sorted(k for k in known if t.name.split("_")[0] in k)[:8]
+                raise UserError(f"evaluator.tasks: {t.name!r} is not an lm-eval task (installed registry "
+                                f"plus include_path {self.cfg.include_path}). Similar names: {close or 'none'}.")
+        for split in self.splits():
+            self._tasks_for(split)
+
+    def _tasks_for(self, split: str) -> Any:
+        if split not in self._task_dicts:
+            from lm_eval.tasks import get_task_dict
+
+            specs = []
+            for t in self.cfg.tasks:
+                spec: dict[str, Any] = {"task": t.name}
+                chosen = t.search_split if split == SEARCH else t.heldout_split
+                if split == HELDOUT and not chosen:
+                    raise UserError(f"evaluator.tasks: {t.name!r} has no heldout_split; set one to get "
+                                    "held-out scores.")
+                if chosen:
+                    spec["test_split"] = chosen
+                if t.num_fewshot is not None:
+                    spec["num_fewshot"] = t.num_fewshot
+                specs.append(spec)
+            try:
+                self._task_dicts[split] = get_task_dict(specs, self._task_manager())
+            except Exception as e:
+                raise UserError(f"evaluator: lm-eval could not load the tasks for split {split!r} "
+                                f"({type(e).__name__}: {e}). If offline, the datasets must be in the local "
+                                "cache (HF_DATASETS_OFFLINE=1).") from None
+        return self._task_dicts[split]
+
+    def _wrap(self, model: Any, tokenizer: Any) -> Any:
+        # One HFLM for the whole study: in-place weight changes are seen by it, no re-wrapping needed.
+        if self._lm is None or self._lm_model is not model:
+            from lm_eval.models.huggingface import HFLM
+
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)
+            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size,
+                            max_length=self.cfg.max_length)
+            self._lm_model = model
+        return self._lm
+
+    def evaluate(self, model: Any, tokenizer: Any, split: str, *, on_item: Callable | None = None) -> Scores:
+        from lm_eval.evaluator import evaluate
+
+        lm = self._wrap(model, tokenizer)
+        t0 = time.perf_counter()
+        out = evaluate(lm, self._tasks_for(split), limit=self.cfg.limit, bootstrap_iters=0, log_samples=True,
+                       apply_chat_template=self.cfg.apply_chat_template, verbosity="ERROR")
+        scores = Scores(tasks={}, info={"eval_seconds": time.perf_counter() - t0})
+        for t in self.cfg.tasks:
+            res = out["results"][t.name]
+            key = _metric_key(res, t.metric, t.name)
+            scores.tasks[t.name] = float(res[key])
+            for k, v in res.items():
+                if isinstance(v, (int, float)) and "," in k and "stderr" not in k:
+                    scores.metrics[f"{t.name}/{k.split(',')[0]}"] = float(v)
+            metric = key.split(",")[0]
+            scores.items[t.name] = [float(s[metric]) for s in out["samples"][t.name]
+                                    if isinstance(s.get(metric), (int, float))]
+            if on_item is not None:
+                for i, v in enumerate(scores.items[t.name]):
+                    on_item(t.name, i, v)
+        return scores
+
+
+def _metric_key(result: dict[str, Any], metric: str | None, task: str) -> str:
+    keys = [k for k in result if "," in k and "stderr" not in k and isinstance(result[k], (int, float))]
+    if metric is None:
+        if not keys:
+            raise UserError(f"lm-eval task {task!r} reported no numeric metric.")
+        return keys[0]
+    for k in keys:
+        if k.split(",")[0] == metric or k == metric:
+            return k
+    raise UserError(f"evaluator.tasks: metric {metric!r} is not reported by task {task!r}; it reports "
+                    f"{sorted({k.split(',')[0] for k in keys})}.")
+
+
+@register_evaluator("lm_eval")
+def build(node: Any, context: dict[str, Any]) -> LmEvalEvaluator:
+    return LmEvalEvaluator(parse_config(node), context)

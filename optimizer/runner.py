@@ -1,0 +1,203 @@
+"""The search loop: validate everything, load once, run the study to `n_trials`, export the best."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from optimizer import UserError
+from optimizer.eval import SEARCH, EvaluationFailed, build_evaluator
+from optimizer.merge.registry import METHODS
+from optimizer.models import ModelSet, pick_device
+from optimizer.objective import Objective
+from optimizer.space import SearchSpace, derive_layout
+from optimizer.study import (
+    FINISHED,
+    build_sampler,
+    build_storage,
+    check_resumable,
+    check_sampler,
+    count_finished,
+    existing_study,
+    storage_url,
+)
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+@dataclass
+class Session:
+    """Everything a run builds, in the order it is built (validation first, loading last)."""
+
+    cfg: Any
+    run_dir: Path
+    device: Any
+    models: ModelSet
+    space: SearchSpace
+    evaluator: Any
+    objective: Objective
+    live: Any = None
+    tokenizer: Any = None
+    applier: Any = None
+    timings: dict[str, list[float]] = field(default_factory=lambda: {"merge": [], "eval": []})
+
+
+def prepare(cfg: Any) -> Session:
+    """Check the whole configuration against the models' headers; nothing heavy is loaded, nothing written."""
+    if cfg.n_trials < 1:
+        raise UserError(f"n_trials={cfg.n_trials}: the study needs at least one trial.")
+    if cfg.merge.method not in METHODS:
+        raise UserError(f"merge.method={cfg.merge.method!r} is unknown; choose one of {sorted(METHODS)}.")
+    method = METHODS[cfg.merge.method]
+    check_sampler(cfg.sampler)
+    device = pick_device(cfg.device)
+    models = ModelSet(cfg.models)
+    n = len(models.names)
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        raise UserError(f"merge.method={method.name!r} takes {method.min_models}..{method.max_models or 'any'} "
+                        f"models besides the base, got {n}: {list(models.names)}.")
+    if cfg.models.target and not method.uses_base:
+        raise UserError(f"models.target is set, but {method.name!r} is not a task-vector method; "
+                        "drop models.target or use task_arithmetic/ties/dare_*.")
+    space = SearchSpace(method, models.names, derive_layout(models.tensor_names, cfg.mode.granularity), cfg.merge)
+    run_dir = Path(cfg.run_root) / cfg.study_name
+    context = {"device": device, "run_dir": run_dir, "seed": cfg.seed, "cfg": cfg}
+    evaluator = build_evaluator(cfg.evaluator, context)
+    evaluator.validate()
+    objective = Objective.from_config(cfg.objective, evaluator)
+    for b in cfg.merge.baselines:
+        space.baseline(b)
+    return Session(cfg, run_dir, device, models, space, evaluator, objective)
+
+
+def load(s: Session) -> None:
+    """Load the resident tensors and the live model once (the expensive part)."""
+    from rich.progress import Progress
+
+    from optimizer.merge.apply import Applier
+
+    names = s.models.tensor_names
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"loading {len(s.models.names)} task vectors to {s.device}", total=len(names))
+        resident = s.models.load_resident(s.device, progress=lambda _: bar.advance(task))
+    s.live = s.models.load_live(s.device)
+    s.tokenizer = s.models.load_tokenizer()
+    s.applier = Applier(s.live, resident)
+    console.print(f"resident: {resident.nbytes() / 2**20:.1f} MiB on {s.device}; "
+                  f"search space: {len(s.space)} parameters ({s.space.layout.granularity}, "
+                  f"{len(s.space.layout.units)} units x {len(s.models.names)} models)")
+
+
+def evaluate_plan(s: Session, plan: Any, split: str, trial_number: int = 0, on_item: Any = None) -> Any:
+    """Materialise `plan` in the live model and score it on `split`; records merge/eval seconds."""
+    t0 = time.perf_counter()
+    s.applier.apply(plan, seed=s.cfg.seed, trial=trial_number)
+    t1 = time.perf_counter()
+    scores = s.evaluator.evaluate(s.live, s.tokenizer, split, on_item=on_item)
+    t2 = time.perf_counter()
+    scores.info.setdefault("merge_seconds", t1 - t0)
+    scores.info["eval_seconds"] = t2 - t1
+    return scores
+
+
+def make_objective(s: Session, store: Any) -> Any:
+    from optimizer.artifacts import attach
+
+    def objective(trial: optuna.Trial) -> Any:
+        plan = s.space.plan(s.space.suggest(trial))
+        try:
+            scores = evaluate_plan(s, plan, SEARCH, trial.number)
+        except EvaluationFailed as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise
+        s.timings["merge"].append(scores.info["merge_seconds"])
+        s.timings["eval"].append(scores.info["eval_seconds"])
+        trial.set_user_attr("scores", scores.tasks)
+        for k, v in scores.info.items():
+            trial.set_user_attr(k, v)
+        attach(store, trial, plan, scores, s)
+        return s.objective.value(scores)
+
+    return objective
+
+
+def open_study(s: Session) -> optuna.Study:
+    cfg = s.cfg
+    storage = build_storage(cfg.storage, s.run_dir)
+    where = storage_url(cfg.storage, s.run_dir) or "memory"
+    study = existing_study(storage, cfg.study_name)
+    if study is not None:
+        check_resumable(study, s.space.describe(), where)
+    done = count_finished(study) if study else 0
+    sampler = build_sampler(cfg.sampler, cfg.seed + done)  # a resumed run must not replay its first draws
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
+                                load_if_exists=True, **s.objective.directions_kwargs())
+    if "space" not in study.user_attrs:
+        study.set_user_attr("space", s.space.describe())
+        study.set_user_attr("seed", cfg.seed)
+        s.objective.label(study)
+        enqueue_baselines(s, study)
+    study.set_user_attr("config", OmegaConf.to_container(cfg, resolve=True))
+    return study
+
+
+def enqueue_baselines(s: Session, study: optuna.Study) -> None:
+    """Baselines run first so the search cannot end worse than the classic recipes."""
+    for b in s.cfg.merge.baselines:
+        params = s.space.baseline(b)
+        out = [p for p in s.space.params if not p.low <= params[p.name] <= p.high]
+        label = ",".join(f"{k}={v}" for k, v in b.items())
+        if out:
+            console.print(f"[yellow]baseline {label} skipped: {out[0].name} outside bounds "
+                          f"[{out[0].low}, {out[0].high}][/]")
+            continue
+        study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+
+
+def run(cfg: Any) -> int:
+    """Run or resume the study named by `cfg.study_name`; returns the process exit code."""
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = prepare(cfg)
+    load(s)
+    study = open_study(s)
+    from optimizer.artifacts import artifact_store
+    from optimizer.progress import Progress
+
+    done = count_finished(study)
+    console.print(f"study {cfg.study_name!r}: {done} finished trials, target {cfg.n_trials}")
+    progress = Progress(s, cfg.n_trials, console)
+    interrupted = False
+    if done < cfg.n_trials:
+        try:
+            study.optimize(make_objective(s, artifact_store(s.run_dir)), catch=(EvaluationFailed,),
+                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED), progress],
+                           gc_after_trial=False)
+        except KeyboardInterrupt:
+            interrupted = True
+            console.print("[yellow]interrupted[/]")
+    if progress.aborted:
+        raise UserError(progress.aborted)
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        console.print("[red]no completed trial: nothing to export[/]")
+        return 130 if interrupted else 1
+    if cfg.export.enabled:
+        from optimizer.export import export_best
+
+        out = export_best(s, study)
+        console.print(f"best model written to {out}")
+    console.print(json.dumps(s.objective.summary(study), indent=None))
+    url = storage_url(cfg.storage, s.run_dir)
+    if url:
+        console.print(f"dashboard: optuna-dashboard {url} --artifact-dir {(s.run_dir / 'artifacts').resolve()}")
+    return 130 if interrupted else 0

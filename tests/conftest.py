@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random Mistral models on disk and a toy evaluator (no lm-eval, no zoo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimizer.eval import EVALUATORS, register_evaluator
+from optimizer.eval.base import HELDOUT, SEARCH, Scores
+
+VOCAB = ["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)]
+
+
+def make_tokenizer(path: Path) -> None:
+    """A character-level fast tokenizer with BOS/EOS/pad, saved like any HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+def tiny_config(**kw):
+    from transformers import MistralConfig
+
+    args = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    args.update(kw)
+    return MistralConfig(**args)
+
+
+def save_model(model, path: Path, tokenizer_from: Path | None = None, **save_kw) -> Path:
+    model.save_pretrained(path, **save_kw)
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """base + experts a, b (base plus seeded noise) + a sharded copy of b, as safetensors folders."""
+    from transformers import MistralForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    base = MistralForCausalLM(tiny_config()).eval()
+    out = {"base": save_model(base, root / "base")}
+    for i, name in enumerate(["a", "b"]):
+        g = torch.Generator().manual_seed(100 + i)
+        expert = MistralForCausalLM(tiny_config()).eval()
+        expert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        out[name] = save_model(expert, root / name)
+        if name == "b":
+            out["b_sharded"] = save_model(expert, root / "b_sharded", max_shard_size="20KB")
+    return out
+
+
+class ToyEvaluator:
+    """Scores closeness of the live weights to a hidden optimum base + 0.3*delta_a + 0.6*delta_b.
+
+    Task `l0` looks at layer 0, `l1` at layer 1, so the optimum is reachable per layer. Held-out scores are
+    offset by a small constant. `cfg.paths` maps base/a/b to model folders.
+    """
+
+    name = "toy"
+    NAME = "model.layers.{}.mlp.down_proj.weight"
+
+    def __init__(self, cfg, context):
+        self.cfg = cfg
+        self.context = context
+        self.weights = {"l0": 1.0, "l1": 1.0}
+        self.calls = 0
+        self._targets = None
+
+    def validate(self):
+        from optimizer import UserError
+
+        if self.cfg.get("fail_validate"):
+            raise UserError("evaluator.fail_validate is set")
+
+    def splits(self):
+        return (SEARCH, HELDOUT)
+
+    def _target(self, layer):
+        from safetensors.torch import load_file
+
+        if self._targets is None:
+            sd = {k: load_file(str(Path(v) / "model.safetensors")) for k, v in self.cfg.paths.items()}
+            self._targets = {}
+            for i in (0, 1):
+                n = self.NAME.format(i)
+                b = sd["base"][n].double()
+                self._targets[i] = b + 0.3 * (sd["a"][n].double() - b) + 0.6 * (sd["b"][n].double() - b)
+        return self._targets[layer]
+
+    def evaluate(self, model, tokenizer, split, *, on_item=None):
+        self.calls += 1
+        params = dict(model.named_parameters())
+        off = 0.001 if split == HELDOUT else 0.0
+        tasks = {}
+        for i in (0, 1):
+            w = params[self.NAME.format(i)].detach().double()
+            tasks[f"l{i}"] = 1.0 - float(((w - self._target(i)) ** 2).mean().sqrt()) * 10 - off
+        return Scores(tasks=tasks)
+
+
+if "toy" not in EVALUATORS:
+    register_evaluator("toy")(ToyEvaluator)
