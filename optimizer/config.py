@@ -114,6 +114,7 @@ class Config:
     judge: Any = None
     moe: Any = None
     objective: Any = None
+    trial: int | None = None  # `python -m optimizer.export`: which trial to export (default: the best)
 
 
 def register_configs() -> None:

@@ -68,7 +68,8 @@ def evaluate_trial(s: Any, trial: optuna.trial.FrozenTrial, split: str) -> dict[
     return _entry(s, s.evaluator.evaluate(s.live, s.tokenizer, split))
 
 
-def export_best(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> Path:
+def export_best(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None,
+                dest: Path | None = None) -> Path:
     """Evaluate references and baselines, re-materialise the chosen trial, and write `best/` atomically."""
     trial = trial or study.best_trial
     refs = reference_scores(s, study) if s.cfg.export.references else {}
@@ -90,8 +91,17 @@ def export_best(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial | N
     }
     header = (f"merge-optimizer recipe: study {s.cfg.study_name}, trial {trial.number}, "
               f"search objective {_value(trial)}")
-    return write_model_dir(s, s.run_dir / "best", recipe=dump_recipe(recipe_doc(s, s.space.plan(trial.params)),
+    return write_model_dir(s, dest or s.run_dir / "best", recipe=dump_recipe(recipe_doc(s, s.space.plan(trial.params)),
                                                                      header), scores=report)
+
+
+def is_current(dest: Path, study: optuna.Study) -> bool:
+    """True when `dest` already holds the export of the study's current best trial."""
+    try:
+        scores = json.loads((dest / "scores.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return len(study.directions) == 1 and scores.get("best", {}).get("trial") == study.best_trial.number
 
 
 def write_model_dir(s: Any, dest: Path, *, recipe: str, scores: dict[str, Any]) -> Path:
@@ -108,3 +118,10 @@ def write_model_dir(s: Any, dest: Path, *, recipe: str, scores: dict[str, Any]) 
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+if __name__ == "__main__":
+    from optimizer.cli import hydra_entry
+    from optimizer.export_cli import export
+
+    hydra_entry(export)()

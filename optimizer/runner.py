@@ -178,7 +178,8 @@ def run(cfg: Any) -> int:
     console.print(f"study {cfg.study_name!r}: {done} finished trials, target {cfg.n_trials}")
     progress = Progress(s, cfg.n_trials, console)
     interrupted = False
-    if done < cfg.n_trials:
+    ran = done < cfg.n_trials
+    if ran:
         try:
             study.optimize(make_objective(s, artifact_store(s.run_dir)), catch=(EvaluationFailed,),
                            callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED), progress],
@@ -192,10 +193,12 @@ def run(cfg: Any) -> int:
         console.print("[red]no completed trial: nothing to export[/]")
         return 130 if interrupted else 1
     if cfg.export.enabled:
-        from optimizer.export import export_best
+        from optimizer.export import export_best, is_current
 
-        out = export_best(s, study)
-        console.print(f"best model written to {out}")
+        if ran or not is_current(s.run_dir / "best", study):
+            console.print(f"best model written to {export_best(s, study)}")
+        else:
+            console.print(f"best model is current: {s.run_dir / 'best'}")
     console.print(json.dumps(s.objective.summary(study), indent=None))
     url = storage_url(cfg.storage, s.run_dir)
     if url:

@@ -75,7 +75,9 @@ def build_storage(cfg: Any, run_dir: Path) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryFailedTrialCallback(max_retry=cfg.max_retry)
+        retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+            optuna.storages.RetryFailedTrialCallback  # renamed in Optuna 4.9
+        retry = retry_cls(max_retry=cfg.max_retry)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna but are what makes resume safe
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -63,6 +63,15 @@ def parse_config(node: Any) -> LmEvalConfig:
     return cfg
 
 
+def _resolve(path: str) -> Path:
+    """Relative include paths are tried from the working directory, then from the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    root = Path(__file__).resolve().parents[2] / p
+    return root if root.exists() else p
+
+
 class LmEvalEvaluator:
     """Scores the live model with lm-eval; the trial value is the weighted mean of the task metrics."""
 
@@ -87,7 +96,7 @@ class LmEvalEvaluator:
         if self._manager is None:
             from lm_eval.tasks import TaskManager
 
-            paths = [str(Path(p).expanduser()) for p in self.cfg.include_path]
+            paths = [str(_resolve(p)) for p in self.cfg.include_path]
             for p in paths:
                 if not Path(p).is_dir():
                     raise UserError(f"evaluator.include_path entry {p!r} is not a folder of lm-eval task YAMLs.")
@@ -112,7 +121,7 @@ class LmEvalEvaluator:
 
             specs = []
             for t in self.cfg.tasks:
-                spec: dict[str, Any] = {"task": t.name}
+                spec: dict[str, Any] = {}
                 chosen = t.search_split if split == SEARCH else t.heldout_split
                 if split == HELDOUT and not chosen:
                     raise UserError(f"evaluator.tasks: {t.name!r} has no heldout_split; set one to get "
@@ -121,7 +130,7 @@ class LmEvalEvaluator:
                     spec["test_split"] = chosen
                 if t.num_fewshot is not None:
                     spec["num_fewshot"] = t.num_fewshot
-                specs.append(spec)
+                specs.append(_with_overrides(self._task_manager(), t.name, spec))
             try:
                 self._task_dicts[split] = get_task_dict(specs, self._task_manager())
             except Exception as e:
@@ -163,6 +172,23 @@ class LmEvalEvaluator:
                 for i, v in enumerate(scores.items[t.name]):
                     on_item(t.name, i, v)
         return scores
+
+
+def _with_overrides(manager: Any, name: str, overrides: dict[str, Any]) -> str | dict[str, Any]:
+    """A task spec with some config keys replaced (e.g. test_split).
+
+    lm-eval treats an inline dict as a whole new task, so the registered YAML is read and the overrides are
+    laid over it; the task keeps its registered name, so results are keyed as usual.
+    """
+    if not overrides:
+        return name
+    entry = manager.task_index.get(name)
+    if entry is None or not getattr(entry, "yaml_path", None):
+        raise UserError(f"evaluator.tasks: {name!r} is a group or Python task; list its subtasks to set "
+                        f"{sorted(overrides)} per task.")
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return {**load_yaml(entry.yaml_path, resolve_func=True), **overrides, "task": name}
 
 
 def _metric_key(result: dict[str, Any], metric: str | None, task: str) -> str:

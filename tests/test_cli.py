@@ -1,0 +1,54 @@
+"""The real command line: bad input is one paragraph on stderr, exit code 2, and nothing is written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", "optimizer", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def tiny_args(tiny_models, tmp_path, **models):
+    return ["models=custom", f"models.base={tiny_models['base']}", f"run_root={tmp_path}/runs",
+            *[f"+models.models.{k}={v}" for k, v in (models or {"a": tiny_models["a"]}).items()]]
+
+
+@pytest.mark.parametrize("arg,needle", [("mode=bogus", "mode"), ("sampler=bogus", "sampler"),
+                                        ("n_trials=many", "n_trials"), ("sampler.name=bogus", "sampler.name")])
+def test_bad_overrides_exit_2(tmp_path, arg, needle):
+    r = cli(arg, f"run_root={tmp_path}/runs")
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("study.db"))
+
+
+def test_unknown_model_path(tmp_path):
+    r = cli("models.base=/no/such/model", f"run_root={tmp_path}/runs")
+    assert r.returncode == 2
+    assert "models.base='/no/such/model': no such folder" in r.stderr and "Traceback" not in r.stderr
+    assert not any((tmp_path / "runs").rglob("study.db")) if (tmp_path / "runs").exists() else True
+
+
+def test_bounds_low_above_high(tmp_path, tiny_models):
+    r = cli(*tiny_args(tiny_models, tmp_path), "merge.bounds.weight=[1.0,0.2]")
+    assert r.returncode == 2, r.stderr
+    assert "merge.bounds.weight=[1.0, 0.2]: low is greater than high" in r.stderr
+    assert not any((tmp_path / "runs").rglob("study.db")) if (tmp_path / "runs").exists() else True
+
+
+def test_models_that_differ_name_the_tensor(tmp_path, tiny_models):
+    from transformers import MistralForCausalLM
+
+    from .conftest import save_model, tiny_config
+
+    other = save_model(MistralForCausalLM(tiny_config(num_hidden_layers=2)), tmp_path / "short")
+    r = cli(*tiny_args(tiny_models, tmp_path, s=other))
+    assert r.returncode == 2
+    assert "has no tensor 'model.layers.2." in r.stderr
