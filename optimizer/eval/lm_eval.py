@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class LmEvalConfig:
     max_length: int = 512
     apply_chat_template: bool = False
     limit: float | None = None
+    chunk_size: int = 0  # >0: score items in chunks and report each item (per-item pruning)
+    allow_test_split: bool = False
 
 
 def parse_config(node: Any) -> LmEvalConfig:
@@ -100,7 +103,7 @@ class LmEvalEvaluator:
             for p in paths:
                 if not Path(p).is_dir():
                     raise UserError(f"evaluator.include_path entry {p!r} is not a folder of lm-eval task YAMLs.")
-            self._manager = TaskManager(include_path=paths or None, verbosity="ERROR")
+            self._manager = TaskManager(include_path=paths or None)
         return self._manager
 
     def validate(self) -> None:
@@ -112,13 +115,14 @@ class LmEvalEvaluator:
                 close = sorted(k for k in known if t.name.split("_")[0] in k)[:8]
                 raise UserError(f"evaluator.tasks: {t.name!r} is not an lm-eval task (installed registry "
                                 f"plus include_path {self.cfg.include_path}). Similar names: {close or 'none'}.")
+        if not self.cfg.allow_test_split:
+            for t in self.cfg.tasks:
+                check_search_split(manager, t)
         for split in self.splits():
             self._tasks_for(split)
 
     def _tasks_for(self, split: str) -> Any:
         if split not in self._task_dicts:
-            from lm_eval.tasks import get_task_dict
-
             specs = []
             for t in self.cfg.tasks:
                 spec: dict[str, Any] = {}
@@ -132,7 +136,7 @@ class LmEvalEvaluator:
                     spec["num_fewshot"] = t.num_fewshot
                 specs.append(_with_overrides(self._task_manager(), t.name, spec))
             try:
-                self._task_dicts[split] = get_task_dict(specs, self._task_manager())
+                self._task_dicts[split] = self._task_manager().load(specs)
             except Exception as e:
                 raise UserError(f"evaluator: lm-eval could not load the tasks for split {split!r} "
                                 f"({type(e).__name__}: {e}). If offline, the datasets must be in the local "
@@ -150,28 +154,94 @@ class LmEvalEvaluator:
             self._lm_model = model
         return self._lm
 
-    def evaluate(self, model: Any, tokenizer: Any, split: str, *, on_item: Callable | None = None) -> Scores:
-        from lm_eval.evaluator import evaluate
+    def item_indices(self, split: str) -> dict[str, list[int]]:
+        """The items scored per task, in a fixed order (per-task `limit`, else the global one)."""
+        tasks = self._tasks_for(split)["tasks"]
+        out = {}
+        for t in self.cfg.tasks:
+            n = len(tasks[t.name].eval_docs)
+            lim = t.limit if t.limit is not None else self.cfg.limit
+            if lim is not None:
+                n = min(n, int(lim) if lim >= 1 else max(1, math.ceil(lim * n)))
+            out[t.name] = list(range(n))
+        return out
 
+    def evaluate(self, model: Any, tokenizer: Any, split: str, *, on_item: Callable | None = None) -> Scores:
         lm = self._wrap(model, tokenizer)
         t0 = time.perf_counter()
-        out = evaluate(lm, self._tasks_for(split), limit=self.cfg.limit, bootstrap_iters=0, log_samples=True,
-                       apply_chat_template=self.cfg.apply_chat_template, verbosity="ERROR")
-        scores = Scores(tasks={}, info={"eval_seconds": time.perf_counter() - t0})
-        for t in self.cfg.tasks:
-            res = out["results"][t.name]
-            key = _metric_key(res, t.metric, t.name)
-            scores.tasks[t.name] = float(res[key])
-            for k, v in res.items():
-                if isinstance(v, (int, float)) and "," in k and "stderr" not in k:
-                    scores.metrics[f"{t.name}/{k.split(',')[0]}"] = float(v)
-            metric = key.split(",")[0]
-            scores.items[t.name] = [float(s[metric]) for s in out["samples"][t.name]
-                                    if isinstance(s.get(metric), (int, float))]
-            if on_item is not None:
-                for i, v in enumerate(scores.items[t.name]):
-                    on_item(t.name, i, v)
+        indices = self.item_indices(split)
+        chunk = self.cfg.chunk_size if on_item is not None and self.cfg.chunk_size > 0 else 0
+        if not chunk:
+            out = self._run(lm, split, indices)
+            scores = Scores(tasks={}, info={})
+            for t in self.cfg.tasks:
+                res = out["results"][t.name]
+                key = _metric_key(res, t.metric, t.name)
+                scores.tasks[t.name] = float(res[key])
+                for k, v in res.items():
+                    if isinstance(v, (int, float)) and "," in k and "stderr" not in k:
+                        scores.metrics[f"{t.name}/{k.split(',')[0]}"] = float(v)
+                scores.items[t.name] = _item_values(out["samples"][t.name], key.split(",")[0])
+        else:
+            scores = self._chunked(lm, split, indices, chunk, on_item)
+        scores.info["eval_seconds"] = time.perf_counter() - t0
         return scores
+
+    def _run(self, lm: Any, split: str, indices: dict[str, list[int]]) -> dict[str, Any]:
+        from lm_eval.evaluator import evaluate
+
+        return evaluate(lm, self._tasks_for(split), samples=indices, bootstrap_iters=0, log_samples=True,
+                        apply_chat_template=self.cfg.apply_chat_template, verbosity="ERROR")
+
+    def _chunked(self, lm: Any, split: str, indices: dict[str, list[int]], chunk: int,
+                 on_item: Callable) -> Scores:
+        """Score `chunk` items of every task at a time and report each, so a pruner can stop early.
+
+        Task scores are the mean of the per-item metric (exact for mean-aggregated metrics such as acc).
+        """
+        items: dict[str, list[float]] = {t.name: [] for t in self.cfg.tasks}
+        longest = max(len(v) for v in indices.values())
+        for start in range(0, longest, chunk):
+            part = {k: v[start:start + chunk] for k, v in indices.items() if v[start:start + chunk]}
+            out = self._run(lm, split, part)
+            for t in self.cfg.tasks:
+                if t.name not in part:
+                    continue
+                metric = _metric_key(out["results"][t.name], t.metric, t.name).split(",")[0]
+                for v in _item_values(out["samples"][t.name], metric):
+                    on_item(t.name, len(items[t.name]), v)
+                    items[t.name].append(v)
+        tasks = {k: sum(v) / len(v) for k, v in items.items()}
+        return Scores(tasks=tasks, metrics={f"{k}/mean": v for k, v in tasks.items()}, items=items, info={})
+
+
+_HELD_BACK_SPLITS = ("test", "validation", "valid", "val", "dev", "eval")
+
+
+def check_search_split(manager: Any, spec: TaskSpec) -> None:
+    """Refuse to search on the split a task reports its official scores on (its test or validation split).
+
+    Searching there turns a public benchmark into training data; set evaluator.allow_test_split=true to
+    do it anyway. The check is by the split's name, as registered or as configured.
+    """
+    split = spec.search_split
+    if split is None:
+        entry = manager.task_index.get(spec.name)
+        if entry is not None and getattr(entry, "yaml_path", None):
+            from lm_eval.tasks._yaml_loader import load_yaml
+
+            cfg = load_yaml(entry.yaml_path, resolve_func=False)
+            split = cfg.get("test_split") or cfg.get("validation_split")
+    if split is not None and str(split).lower() in _HELD_BACK_SPLITS:
+        raise UserError(f"evaluator.tasks: {spec.name!r} would be searched on its {split!r} split, which is "
+                        "where its scores are reported; searching there overfits the benchmark. Set "
+                        f"search_split to another split (e.g. train) and heldout_split={split!r}, or set "
+                        "evaluator.allow_test_split=true to do it anyway.")
+
+
+def _item_values(samples: list[dict[str, Any]], metric: str) -> list[float]:
+    ordered = sorted(samples, key=lambda s: s.get("doc_id", 0))
+    return [float(s[metric]) for s in ordered if isinstance(s.get(metric), (int, float, bool))]
 
 
 def _with_overrides(manager: Any, name: str, overrides: dict[str, Any]) -> str | dict[str, Any]:
