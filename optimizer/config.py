@@ -85,13 +85,22 @@ class StorageConfig:
 
 
 @dataclass
+class PrunerConfig:
+    """Optuna pruner by name (`none`, `wilcoxon`, `median`); `wilcoxon` needs per-item reporting."""
+
+    name: str = "none"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ExportConfig:
     """What is written after the study: the best model, its recipe and scores."""
 
     enabled: bool = True
     heldout: bool = True
+    heldout_top_k: int = 5  # re-evaluate the top-k on held-out; export the best held-out among them
     references: bool = True
-    save_dtype: str | None = None
+    repeats: int = 1  # >1: evaluate the exported trial this many times with fresh seeds (mean +- sd)
 
 
 @dataclass
@@ -110,6 +119,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
     evaluator: Any = None
     judge: Any = None
     moe: Any = None
@@ -126,3 +136,4 @@ def register_configs() -> None:
     cs.store(group="mode", name="base_mode", node=ModeConfig)
     cs.store(group="sampler", name="base_sampler", node=SamplerConfig)
     cs.store(group="storage", name="base_storage", node=StorageConfig)
+    cs.store(group="pruner", name="base_pruner", node=PrunerConfig)

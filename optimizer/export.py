@@ -1,4 +1,4 @@
-"""Write the best trial as a loadable HF model folder with its recipe and an honest score table."""
+"""Write chosen trials as loadable HF model folders with their recipe and an honest score table."""
 
 from __future__ import annotations
 
@@ -12,100 +12,78 @@ import optuna
 
 from optimizer.artifacts import dump_recipe, recipe_doc
 from optimizer.eval.base import HELDOUT, SEARCH
-
-
-def _splits(s: Any) -> tuple[str, ...]:
-    return tuple(s.evaluator.splits()) if hasattr(s.evaluator, "splits") else (SEARCH,)
-
-
-def _value(trial: optuna.trial.FrozenTrial) -> Any:
-    values = trial.values or []
-    return values[0] if len(values) == 1 else values
-
-
-def _entry(s: Any, scores: Any) -> dict[str, Any]:
-    return {"tasks": scores.tasks, "objective": s.objective.value(scores)}
-
-
-def reference_scores(s: Any, study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """The anchor (base or target) and each fine-tune alone, per split; cached on the study."""
-    cached: dict[str, Any] = dict(study.user_attrs.get("references", {}))
-    anchor = "target" if s.cfg.models.target else "base"
-    for idx, name in [(None, anchor), *enumerate(s.models.names)]:
-        for split in _splits(s):
-            key = f"{name}/{split}"
-            if key not in cached:
-                s.applier.apply_single(idx)
-                cached[key] = _entry(s, s.evaluator.evaluate(s.live, s.tokenizer, split))
-    study.set_user_attr("references", cached)
-    out: dict[str, dict[str, Any]] = {}
-    for key, v in cached.items():
-        name, split = key.rsplit("/", 1)
-        out.setdefault(name, {})[split] = v
-    return out
-
-
-def baseline_scores(s: Any, study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """Each completed baseline trial's search score and (re-evaluated) held-out score."""
-    cached: dict[str, Any] = dict(study.user_attrs.get("baseline_heldout", {}))
-    out = {}
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        label = t.user_attrs.get("baseline")
-        if not label or label in out:
-            continue
-        entry = {"trial": t.number, SEARCH: {"tasks": t.user_attrs.get("scores", {}), "objective": _value(t)}}
-        if HELDOUT in _splits(s):
-            if label not in cached:
-                cached[label] = evaluate_trial(s, t, HELDOUT)
-            entry[HELDOUT] = cached[label]
-        out[label] = entry
-    study.set_user_attr("baseline_heldout", cached)
-    return out
-
-
-def evaluate_trial(s: Any, trial: optuna.trial.FrozenTrial, split: str) -> dict[str, Any]:
-    s.applier.apply(s.space.plan(trial.params), seed=s.cfg.seed, trial=trial.number)
-    return _entry(s, s.evaluator.evaluate(s.live, s.tokenizer, split))
+from optimizer.heldout import baseline_scores, choose, heldout_of, noise, reference_scores, splits, value_of
 
 
 def export_best(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None,
                 dest: Path | None = None) -> Path:
-    """Evaluate references and baselines, re-materialise the chosen trial, and write `best/` atomically."""
-    trial = trial or study.best_trial
+    """Score references, baselines and the top-k on held-out, then write the chosen trial to `best/`."""
+    table: list[dict[str, Any]] = []
+    if trial is None:
+        trial, table = choose(s, study)
     refs = reference_scores(s, study) if s.cfg.export.references else {}
-    baselines = baseline_scores(s, study)
-    best = {"trial": trial.number, "params": trial.params,
-            SEARCH: {"tasks": trial.user_attrs.get("scores", {}), "objective": _value(trial)}}
-    if s.cfg.export.heldout and HELDOUT in _splits(s):
-        best[HELDOUT] = evaluate_trial(s, trial, HELDOUT)
-    s.applier.apply(s.space.plan(trial.params), seed=s.cfg.seed, trial=trial.number)
+    best = {"trial": trial.number, "params": trial.params, "chosen_by": HELDOUT if table else SEARCH,
+            SEARCH: {"tasks": trial.user_attrs.get("scores", {}), "objective": value_of(trial)}}
+    if s.cfg.export.heldout and HELDOUT in splits(s):
+        best[HELDOUT] = heldout_of(s, study, trial)
+    if s.cfg.export.repeats > 1:
+        best["noise"] = noise(s, trial, s.cfg.export.repeats)
     experts = {n: refs[n] for n in s.models.names if n in refs}
-    split = HELDOUT if HELDOUT in _splits(s) else SEARCH
-    best_expert = max(experts, key=lambda n: experts[n][split]["objective"], default=None)
+    split = HELDOUT if HELDOUT in splits(s) else SEARCH
+    top_expert = max(experts, key=lambda n: experts[n][split]["objective"], default=None)
     report = {
-        "study": s.cfg.study_name, "objective": [o.name for o in s.objective.specs],
-        "best": best, "references": refs, "baselines": baselines,
-        "best_expert": {"name": best_expert, "split": split,
-                        "objective": experts[best_expert][split]["objective"]} if best_expert else None,
-        "timing": {k: (sum(v) / len(v) if v else None) for k, v in s.timings.items()},
+        "study": s.cfg.study_name, "objective": [o.name for o in s.objective.specs], "best": best,
+        "heldout_table": table, "references": refs, "baselines": baseline_scores(s, study),
+        "best_expert": {"name": top_expert, "split": split,
+                        "objective": experts[top_expert][split]["objective"]} if top_expert else None,
+        "n_trials_seen": len(study.get_trials(deepcopy=False)),
+        "timing_seconds_per_trial": {k: (sum(v) / len(v) if v else None) for k, v in s.timings.items()},
     }
+    out = write_trial(s, trial, dest or s.run_dir / "best", report)
+    if table:
+        (out / "heldout_table.csv").write_text(_csv(table), encoding="utf-8")
+    return out
+
+
+def export_pareto(s: Any, study: optuna.Study) -> Path:
+    """Multi-objective studies: every Pareto-front trial to `pareto/trial_<n>/`, plus `pareto.json`."""
+    root = s.run_dir / "pareto"
+    rows = []
+    for t in sorted(study.best_trials, key=lambda t: t.number):
+        row = {"trial": t.number, SEARCH: {"values": t.values, "tasks": t.user_attrs.get("scores", {})}}
+        if HELDOUT in splits(s):
+            s.applier.apply(s.space.plan(t.params), seed=s.cfg.seed, trial=t.number)
+            scores = s.evaluator.evaluate(s.live, s.tokenizer, HELDOUT)
+            row[HELDOUT] = {"values": [o.value(scores) for o in s.objective.specs], "tasks": scores.tasks}
+        write_trial(s, t, root / f"trial_{t.number}", row)
+        rows.append(row)
+    doc = {"objectives": [o.name for o in s.objective.specs],
+           "directions": [o.direction for o in s.objective.specs], "front": rows}
+    (root / "pareto.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return root
+
+
+def write_trial(s: Any, trial: optuna.trial.FrozenTrial, dest: Path, scores: dict[str, Any]) -> Path:
+    """Re-materialise `trial` in the live model and save it with its recipe and scores."""
+    plan = s.space.plan(trial.params)
+    s.applier.apply(plan, seed=s.cfg.seed, trial=trial.number)
     header = (f"merge-optimizer recipe: study {s.cfg.study_name}, trial {trial.number}, "
-              f"search objective {_value(trial)}")
-    return write_model_dir(s, dest or s.run_dir / "best", recipe=dump_recipe(recipe_doc(s, s.space.plan(trial.params)),
-                                                                     header), scores=report)
+              f"search objective {value_of(trial)}")
+    return write_model_dir(s, dest, recipe=dump_recipe(recipe_doc(s, plan), header), scores=scores)
 
 
 def is_current(dest: Path, study: optuna.Study) -> bool:
-    """True when `dest` already holds the export of the study's current best trial."""
+    """True when `dest` holds an export made after the study's last finished trial."""
     try:
         scores = json.loads((dest / "scores.json").read_text())
     except (OSError, ValueError):
         return False
-    return len(study.directions) == 1 and scores.get("best", {}).get("trial") == study.best_trial.number
+    return scores.get("n_trials_seen") == len(study.get_trials(deepcopy=False))
 
 
 def write_model_dir(s: Any, dest: Path, *, recipe: str, scores: dict[str, Any]) -> Path:
     """Save the live model + tokenizer + recipe + scores to `dest` via a temp dir and renames."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     s.live.save_pretrained(tmp)
@@ -118,6 +96,11 @@ def write_model_dir(s: Any, dest: Path, *, recipe: str, scores: dict[str, Any]) 
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    return "\n".join([",".join(cols), *(",".join(str(r[c]) for c in cols) for r in rows)]) + "\n"
 
 
 if __name__ == "__main__":

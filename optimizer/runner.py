@@ -22,6 +22,7 @@ from optimizer.objective import Objective
 from optimizer.space import SearchSpace, derive_layout
 from optimizer.study import (
     FINISHED,
+    build_pruner,
     build_sampler,
     build_storage,
     check_resumable,
@@ -48,7 +49,7 @@ class Session:
     live: Any = None
     tokenizer: Any = None
     applier: Any = None
-    timings: dict[str, list[float]] = field(default_factory=lambda: {"merge": [], "eval": []})
+    timings: dict[str, list[float]] = field(default_factory=lambda: {"merge": [], "eval": [], "pruned_at": []})
 
 
 def prepare(cfg: Any) -> Session:
@@ -74,6 +75,14 @@ def prepare(cfg: Any) -> Session:
     evaluator = build_evaluator(cfg.evaluator, context)
     evaluator.validate()
     objective = Objective.from_config(cfg.objective, evaluator)
+    build_pruner(cfg.pruner)
+    if cfg.pruner.name != "none":
+        if objective.multi:
+            raise UserError(f"pruner={cfg.pruner.name} works on single-objective studies only; use pruner=none "
+                            "with several objectives.")
+        if getattr(getattr(evaluator, "cfg", None), "chunk_size", 1) <= 0:
+            raise UserError(f"pruner={cfg.pruner.name} needs per-item reports: set evaluator.chunk_size "
+                            "(e.g. 25) so items are scored and reported in chunks.")
     for b in cfg.merge.baselines:
         space.baseline(b)
     return Session(cfg, run_dir, device, models, space, evaluator, objective)
@@ -109,13 +118,31 @@ def evaluate_plan(s: Session, plan: Any, split: str, trial_number: int = 0, on_i
     return scores
 
 
+def item_reporter(s: Session, trial: optuna.Trial) -> Any:
+    """Report each scored item as one step (fixed order per study) and prune once per chunk."""
+    if s.cfg.pruner.name == "none":
+        return None
+    every = max(int(getattr(s.evaluator.cfg, "chunk_size", 1)), 1)
+    step = 0
+
+    def on_item(task: str, index: int, value: float) -> None:
+        nonlocal step
+        trial.report(float(value), step)
+        step += 1
+        if step % every == 0 and trial.should_prune():
+            s.timings["pruned_at"].append(step)
+            raise optuna.TrialPruned(f"pruned after {step} items")
+
+    return on_item
+
+
 def make_objective(s: Session, store: Any) -> Any:
     from optimizer.artifacts import attach
 
     def objective(trial: optuna.Trial) -> Any:
         plan = s.space.plan(s.space.suggest(trial))
         try:
-            scores = evaluate_plan(s, plan, SEARCH, trial.number)
+            scores = evaluate_plan(s, plan, SEARCH, trial.number, on_item=item_reporter(s, trial))
         except EvaluationFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             raise
@@ -140,7 +167,7 @@ def open_study(s: Session) -> optuna.Study:
     done = count_finished(study) if study else 0
     sampler = build_sampler(cfg.sampler, cfg.seed + done)  # a resumed run must not replay its first draws
     study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
-                                load_if_exists=True, **s.objective.directions_kwargs())
+                                pruner=build_pruner(cfg.pruner), load_if_exists=True, **s.objective.directions_kwargs())
     if "space" not in study.user_attrs:
         study.set_user_attr("space", s.space.describe())
         study.set_user_attr("seed", cfg.seed)
@@ -192,7 +219,11 @@ def run(cfg: Any) -> int:
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         console.print("[red]no completed trial: nothing to export[/]")
         return 130 if interrupted else 1
-    if cfg.export.enabled:
+    if cfg.export.enabled and s.objective.multi:
+        from optimizer.export import export_pareto
+
+        console.print(f"Pareto front written to {export_pareto(s, study)}")
+    elif cfg.export.enabled:
         from optimizer.export import export_best, is_current
 
         if ran or not is_current(s.run_dir / "best", study):

@@ -32,6 +32,25 @@ SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
 }
 
 
+# The one pruner registry. WilcoxonPruner compares per-item scores of a trial with the best trial's.
+PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+    "none": lambda **kw: optuna.pruners.NopPruner(),
+    "wilcoxon": lambda **kw: optuna.pruners.WilcoxonPruner(**kw),
+    "median": lambda **kw: optuna.pruners.MedianPruner(**kw),
+}
+
+
+def build_pruner(cfg: Any) -> optuna.pruners.BasePruner:
+    if cfg.name not in PRUNERS:
+        raise UserError(f"pruner.name={cfg.name!r} is unknown; choose one of {sorted(PRUNERS)}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return PRUNERS[cfg.name](**dict(cfg.kwargs or {}))
+    except TypeError as e:
+        raise UserError(f"pruner.kwargs for {cfg.name!r} are invalid: {e}.") from None
+
+
 def check_sampler(cfg: Any) -> None:
     if cfg.name not in SAMPLERS:
         raise UserError(f"sampler.name={cfg.name!r} is unknown; choose one of {sorted(SAMPLERS)}.")

@@ -105,11 +105,19 @@ class ToyEvaluator:
         self.calls += 1
         params = dict(model.named_parameters())
         off = 0.001 if split == HELDOUT else 0.0
-        tasks = {}
+        tasks, items = {}, {}
         for i in (0, 1):
             w = params[self.NAME.format(i)].detach().double()
+            err = (w - self._target(i)).abs().flatten()[:60]
+            items[f"l{i}"] = [1.0 - 10 * float(e) - off for e in err]
             tasks[f"l{i}"] = 1.0 - float(((w - self._target(i)) ** 2).mean().sqrt()) * 10 - off
-        return Scores(tasks=tasks)
+        if on_item is not None:  # per-item reports in chunks, interleaving the tasks like lm-eval's chunks
+            chunk = self.cfg.get("chunk_size", 10)
+            for start in range(0, 60, chunk):
+                for t in ("l0", "l1"):
+                    for j, v in enumerate(items[t][start:start + chunk]):
+                        on_item(t, start + j, v)
+        return Scores(tasks=tasks, items=items)
 
 
 if "toy" not in EVALUATORS:

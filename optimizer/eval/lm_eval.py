@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class LmEvalConfig:
     apply_chat_template: bool = False
     limit: float | None = None
     chunk_size: int = 0  # >0: score items in chunks and report each item (per-item pruning)
+    shuffle: bool = False  # item order (and the subset a `limit` takes) drawn from the study seed
     allow_test_split: bool = False
 
 
@@ -159,11 +161,14 @@ class LmEvalEvaluator:
         tasks = self._tasks_for(split)["tasks"]
         out = {}
         for t in self.cfg.tasks:
-            n = len(tasks[t.name].eval_docs)
+            total = len(tasks[t.name].eval_docs)
+            order = list(range(total))
+            if self.cfg.shuffle:  # one fixed order per study seed: early chunks are a fair sample
+                random.Random(f"{self.context.get('seed', 0)}/{t.name}/{split}").shuffle(order)
             lim = t.limit if t.limit is not None else self.cfg.limit
             if lim is not None:
-                n = min(n, int(lim) if lim >= 1 else max(1, math.ceil(lim * n)))
-            out[t.name] = list(range(n))
+                order = order[:int(lim) if lim >= 1 else max(1, math.ceil(lim * total))]
+            out[t.name] = order
         return out
 
     def evaluate(self, model: Any, tokenizer: Any, split: str, *, on_item: Callable | None = None) -> Scores:
@@ -181,7 +186,7 @@ class LmEvalEvaluator:
                 for k, v in res.items():
                     if isinstance(v, (int, float)) and "," in k and "stderr" not in k:
                         scores.metrics[f"{t.name}/{k.split(',')[0]}"] = float(v)
-                scores.items[t.name] = _item_values(out["samples"][t.name], key.split(",")[0])
+                scores.items[t.name] = _item_values(out["samples"][t.name], key.split(",")[0], indices[t.name])
         else:
             scores = self._chunked(lm, split, indices, chunk, on_item)
         scores.info["eval_seconds"] = time.perf_counter() - t0
@@ -208,7 +213,7 @@ class LmEvalEvaluator:
                 if t.name not in part:
                     continue
                 metric = _metric_key(out["results"][t.name], t.metric, t.name).split(",")[0]
-                for v in _item_values(out["samples"][t.name], metric):
+                for v in _item_values(out["samples"][t.name], metric, part[t.name]):
                     on_item(t.name, len(items[t.name]), v)
                     items[t.name].append(v)
         tasks = {k: sum(v) / len(v) for k, v in items.items()}
@@ -239,9 +244,10 @@ def check_search_split(manager: Any, spec: TaskSpec) -> None:
                         "evaluator.allow_test_split=true to do it anyway.")
 
 
-def _item_values(samples: list[dict[str, Any]], metric: str) -> list[float]:
-    ordered = sorted(samples, key=lambda s: s.get("doc_id", 0))
-    return [float(s[metric]) for s in ordered if isinstance(s.get(metric), (int, float, bool))]
+def _item_values(samples: list[dict[str, Any]], metric: str, order: list[int]) -> list[float]:
+    """Per-item metric values in the order the items were asked for (lm-eval returns them by doc id)."""
+    by_id = {s.get("doc_id"): s.get(metric) for s in samples}
+    return [float(by_id[i]) for i in order if isinstance(by_id.get(i), (int, float, bool))]
 
 
 def _with_overrides(manager: Any, name: str, overrides: dict[str, Any]) -> str | dict[str, Any]:
