@@ -78,3 +78,19 @@ def test_pruner_needs_per_item_reports(tiny_models, tmp_path):
     cfg.evaluator.chunk_size = 0
     with pytest.raises(UserError, match="chunk_size"):
         run(cfg)
+
+
+def test_composite_evaluator_prefixes_and_weights(tiny_models, tmp_path):
+    toy = {"name": "toy", "paths": {k: str(tiny_models[k]) for k in ("base", "a", "b")}}
+    cfg = make_cfg(tiny_models, tmp_path, n_trials=3)
+    cfg.evaluator = {"name": "composite", "parts": {"x": toy, "y": toy}, "part_weights": {"x": 0.7, "y": 0.3}}
+    assert run(cfg) == 0
+    t = load(cfg).trials[0]
+    assert set(t.user_attrs["scores"]) == {"x/l0", "x/l1", "y/l0", "y/l1"}
+    assert t.value == pytest.approx(sum(t.user_attrs["scores"].values()) / 4)  # identical parts: plain mean
+    from optimizer.eval.composite import build
+
+    ev = build(cfg.evaluator, {})
+    assert ev.weights == pytest.approx({"x/l0": 0.35, "x/l1": 0.35, "y/l0": 0.15, "y/l1": 0.15})
+    with pytest.raises(UserError, match="part_weights"):
+        build({"name": "composite", "parts": {"x": toy}, "part_weights": {"z": 1.0}}, {})

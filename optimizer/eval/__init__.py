@@ -16,7 +16,7 @@ __all__ = ["EVALUATORS", "register_evaluator", "build_evaluator", "Evaluator", "
 EVALUATORS: dict[str, Callable[..., Evaluator]] = {}
 
 # Modules that register evaluators when imported; importing lazily keeps heavy deps (lm-eval, SDKs) optional.
-_PLUGIN_MODULES = ("optimizer.eval.lm_eval", "optimizer.eval.judge")
+_PLUGIN_MODULES = ("optimizer.eval.lm_eval", "optimizer.eval.composite", "optimizer.eval.judge")
 
 
 def register_evaluator(name: str) -> Callable:
@@ -44,7 +44,11 @@ def load_plugins() -> None:
 def build_evaluator(cfg: Any, context: dict[str, Any]) -> Evaluator:
     """Build the evaluator named by `cfg.name` (raises UserError listing the known names)."""
     load_plugins()
-    name = cfg.name
+    if isinstance(cfg, dict):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.create(cfg)
+    name = cfg.get("name") if cfg is not None else None
     if name not in EVALUATORS:
         raise UserError(f"evaluator.name={name!r} is not a known evaluator; choose one of {sorted(EVALUATORS)}.")
     return EVALUATORS[name](cfg, context)
