@@ -1,0 +1,199 @@
+"""Conformance suite: every registered merge method against an independent reference and shared properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimizer.merge import sparsify as sp
+from optimizer.merge.registry import METHODS
+from tests.merge import merge_reference as ref
+
+ALL = sorted(METHODS)
+# (sparsify, consensus) of each task-arithmetic preset, as mergekit's registry declares them
+PRESETS = {
+    "task_arithmetic": (None, None), "ties": ("magnitude", "sum"), "dare_ties": ("random", "sum"),
+    "dare_linear": ("random", None), "breadcrumbs": ("breadcrumbs", None),
+    "breadcrumbs_ties": ("breadcrumbs", "sum"), "della": ("della", "sum"), "della_linear": ("della", None),
+}
+SHAPE = (64, 100)
+
+
+def test_every_method_is_covered():
+    assert set(ALL) == set(PRESETS) | {"linear", "slerp", "model_stock"}
+
+
+@pytest.fixture(params=["one_chunk", "tiny_chunks"])
+def chunking(request, monkeypatch):
+    """Run each test with the default chunking and with chunks small enough to split every tensor (and to
+    exercise the sampled order-statistic path)."""
+    if request.param == "tiny_chunks":
+        monkeypatch.setattr(sp, "CHUNK", 256)
+        monkeypatch.setattr(sp, "_EXACT_BELOW", 300)
+        monkeypatch.setattr(sp, "_SAMPLE", 64)
+    return request.param
+
+
+def n_models(name: str) -> int:
+    return 1 if name == "slerp" else 3
+
+
+def inputs(name: str, seed: int = 0, dyadic: bool = True, dtype=torch.float32):
+    """Base and task vectors; dyadic values (multiples of 1/8) make fp32 sums exact and create magnitude ties."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(SHAPE, generator=g)
+    scales = [1.0, 0.5, 2.0]
+    deltas = [torch.randn(SHAPE, generator=g) * s for s in scales[: n_models(name)]]
+    if dyadic:
+        base, deltas = (base * 8).round() / 8, [(d * 8).round() / 8 for d in deltas]
+    return base.to(dtype), [d.to(dtype) for d in deltas]
+
+
+def params(name: str):
+    n = n_models(name)
+    mp = {"weight": [0.75, 0.5, 0.25][:n], "density": [0.5, 0.25, 0.75][:n], "gamma": [0.05, 0.02, 0.1][:n]}
+    gp = {"t": 0.3, "epsilon": 0.125, "lambda": 1.25, "filter_wise": 0.0}
+    m = METHODS[name]
+    return ({p.name: mp[p.name] for p in m.model_params},
+            {p.name: gp.get(p.name, p.default) for p in m.global_params})
+
+
+def run(name, base, deltas, mp, gp, seed=7, **kw):
+    g = torch.Generator().manual_seed(seed) if METHODS[name].stochastic else None
+    return METHODS[name].fn(base, deltas, mp, gp, generator=g, name="t", **kw)
+
+
+def reference(name, base, deltas, mp, gp, seed=7):
+    if name == "linear":
+        return ref.linear(base, deltas, mp["weight"], bool(gp["normalize"]))
+    if name == "slerp":
+        return ref.slerp(base, deltas[0], gp["t"])
+    if name == "model_stock":
+        return ref.model_stock(base, deltas, bool(gp["filter_wise"]))
+    spars, consensus = PRESETS[name]
+    dens = mp.get("density", [1.0] * len(deltas))
+    rescale = {0: None, 1: "l1", 2: "inverse_density"}[int(gp.get("rescale", 0))]
+    masks, gains = None, None
+    if spars == "magnitude":
+        masks = [ref.magnitude(d, p) for d, p in zip(deltas, dens, strict=True)]
+    elif spars == "breadcrumbs":
+        masks = [ref.breadcrumbs(d, p, gm) for d, p, gm in zip(deltas, dens, mp["gamma"], strict=True)]
+    elif spars in ("random", "della"):  # the same draws, in the kernel's order (model by model)
+        g = torch.Generator().manual_seed(seed)
+        gain = spars == "della" and rescale == "inverse_density"
+        masks = [sp.random_mask(d, p, g) if spars == "random" else sp.della_mask(d, p, gp["epsilon"], g, gain=gain)
+                 for d, p in zip(deltas, dens, strict=True)]
+        gains = masks if gain else None
+    return ref.gta(base, deltas, mp["weight"], masks, consensus, bool(gp["normalize"]), gp.get("lambda", 1.0),
+                   rescale, dens, gains)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_matches_reference(name, chunking):
+    base, deltas = inputs(name)
+    mp, gp = params(name)
+    got = run(name, base, deltas, mp, gp)
+    assert got.dtype == base.dtype and got.shape == base.shape
+    torch.testing.assert_close(got.double(), reference(name, base, deltas, mp, gp), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_linear", "della", "della_linear", "breadcrumbs_ties", "linear"])
+@pytest.mark.parametrize("variant", ["rescale_inverse", "rescale_l1", "normalize_flipped"])
+def test_matches_reference_options(name, variant):
+    base, deltas = inputs(name, seed=3)
+    mp, gp = params(name)
+    if variant.startswith("rescale") and "rescale" not in gp:
+        pytest.skip("no rescale option")
+    if variant == "normalize_flipped":
+        gp["normalize"] = 1.0 - gp["normalize"]
+    else:
+        gp["rescale"] = 2.0 if variant == "rescale_inverse" else 1.0
+    torch.testing.assert_close(run(name, base, deltas, mp, gp).double(), reference(name, base, deltas, mp, gp),
+                               rtol=1e-5, atol=1e-5)
+
+
+def identity_params(name: str):
+    values = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "t": 1.0, "lambda": 1.0, "epsilon": 0.1}
+    m = METHODS[name]
+    return ({p.name: [values[p.name]] * (2 if name == "model_stock" else 1) for p in m.model_params},
+            {p.name: values.get(p.name, p.default) for p in m.global_params})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_single_model_identity(name):
+    """Weight 1, density 1 (t=1 for slerp; two copies of one model for model_stock) gives base + delta."""
+    base, deltas = inputs(name, dyadic=False)
+    deltas = deltas[:1] * (2 if name == "model_stock" else 1)
+    mp, gp = identity_params(name)
+    torch.testing.assert_close(run(name, base, deltas, mp, gp), base + deltas[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "slerp"])  # slerp is not odd: norms change
+def test_negating_task_vectors_negates_the_merge(name):
+    base, deltas = inputs(name, dyadic=False)
+    mp, gp = params(name)
+    pos = run(name, base, deltas, mp, gp) - base
+    neg = run(name, base, [-d for d in deltas], mp, gp) - base
+    torch.testing.assert_close(neg, -pos, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "slerp" and not METHODS[n].stochastic])
+def test_model_order_does_not_matter(name):
+    base, deltas = inputs(name, dyadic=False)
+    mp, gp = params(name)
+    perm = [2, 0, 1]
+    mp2 = {k: [v[i] for i in perm] for k, v in mp.items()}
+    torch.testing.assert_close(run(name, base, [deltas[i] for i in perm], mp2, gp),
+                               run(name, base, deltas, mp, gp), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic_given_seed(name):
+    base, deltas = inputs(name, dyadic=False)
+    mp, gp = params(name)
+    assert torch.equal(run(name, base, deltas, mp, gp, seed=11), run(name, base, deltas, mp, gp, seed=11))
+    if METHODS[name].stochastic:
+        assert not torch.equal(run(name, base, deltas, mp, gp, seed=11), run(name, base, deltas, mp, gp, seed=12))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_out_in_place(name, out_dtype):
+    base, deltas = inputs(name, dyadic=False)
+    mp, gp = params(name)
+    expected = run(name, base, deltas, mp, gp)
+    out = torch.full(SHAPE, float("nan"), dtype=out_dtype)
+    got = run(name, base, deltas, mp, gp, out=out)
+    assert got is out
+    torch.testing.assert_close(out, expected.to(out_dtype))
+    aliased = base.clone()  # out may be the very tensor read as base (each chunk is read before written)
+    run(name, aliased, deltas, mp, gp, out=aliased)
+    torch.testing.assert_close(aliased, expected)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_untouched(name, dtype):
+    base, deltas = inputs(name, dyadic=False, dtype=dtype)
+    copies = [base.clone()] + [d.clone() for d in deltas]
+    run(name, base, deltas, *params(name))
+    assert all(torch.equal(a, b) for a, b in zip(copies, [base, *deltas], strict=True))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bfloat16_inputs(name):
+    base, deltas = inputs(name, dtype=torch.bfloat16, dyadic=False)
+    mp, gp = params(name)
+    got = run(name, base, deltas, mp, gp)
+    assert got.dtype == torch.bfloat16
+    want = reference(name, base, deltas, mp, gp)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_noncontiguous_out(name):
+    base, deltas = inputs(name, dyadic=False)
+    mp, gp = params(name)
+    out = torch.empty(SHAPE[::-1]).T
+    run(name, base, deltas, mp, gp, out=out)
+    torch.testing.assert_close(out, run(name, base, deltas, mp, gp))
