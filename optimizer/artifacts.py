@@ -36,17 +36,28 @@ def dump_recipe(doc: dict[str, Any], header: str = "") -> str:
     return "".join(f"# {line}\n" for line in header.splitlines()) + body
 
 
-def attach(store: FileSystemArtifactStore, trial: Any, plan: MergePlan, scores: Any, s: Any) -> None:
-    """Upload recipe.yaml, scores.json and the evaluator's files to the trial (visible in the dashboard)."""
+_MIME = {".yaml": "text/yaml", ".json": "application/json", ".jsonl": "text/plain", ".txt": "text/plain",
+         ".md": "text/markdown", ".csv": "text/csv"}
+
+
+def attach(store: FileSystemArtifactStore, trial: Any, plan: MergePlan, scores: Any, s: Any,
+           extra: dict[str, str] | None = None) -> None:
+    """Upload recipe.yaml, plan.json, scores.json and the evaluator's files to the trial (dashboard-visible).
+
+    `scores` is None for a failed trial: its recipe and the evaluator's transcripts (`extra`) are still kept.
+    """
     files = {
         "recipe.yaml": dump_recipe(recipe_doc(s, plan), f"study {s.cfg.study_name}, trial {trial.number}"),
         "plan.json": json.dumps(plan.to_dict(), indent=1),
-        "scores.json": json.dumps({"tasks": scores.tasks, "metrics": scores.metrics, "info": scores.info},
-                                  indent=1, default=str),
-        **scores.artifacts,
     }
+    if scores is not None:
+        files["scores.json"] = json.dumps({"tasks": scores.tasks, "metrics": scores.metrics, "info": scores.info},
+                                          indent=1, default=str)
+        files.update(scores.artifacts)
+    files.update(extra or {})
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             path = Path(tmp) / name
             path.write_text(text, encoding="utf-8")
-            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                            mimetype=_MIME.get(path.suffix, "text/plain"), encoding="utf-8")

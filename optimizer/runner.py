@@ -145,6 +145,9 @@ def make_objective(s: Session, store: Any) -> Any:
             scores = evaluate_plan(s, plan, SEARCH, trial.number, on_item=item_reporter(s, trial))
         except EvaluationFailed as e:
             trial.set_user_attr("fail_reason", str(e))
+            for k, v in getattr(e, "info", {}).items():
+                trial.set_user_attr(k, v)
+            attach(store, trial, plan, None, s, extra=getattr(e, "artifacts", {}))
             raise
         s.timings["merge"].append(scores.info["merge_seconds"])
         s.timings["eval"].append(scores.info["eval_seconds"])
@@ -193,9 +196,21 @@ def enqueue_baselines(s: Session, study: optuna.Study) -> None:
 def run(cfg: Any) -> int:
     """Run or resume the study named by `cfg.study_name`; returns the process exit code."""
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2", "openai", "anthropic"):  # one INFO line per judge request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = prepare(cfg)
+    try:
+        return _run(s)
+    finally:
+        close = getattr(s.evaluator, "close", None)
+        if close is not None:
+            close()
+
+
+def _run(s: Session) -> int:
+    cfg = s.cfg
     load(s)
     study = open_study(s)
     from optimizer.artifacts import artifact_store

@@ -94,3 +94,18 @@ def test_composite_evaluator_prefixes_and_weights(tiny_models, tmp_path):
     assert ev.weights == pytest.approx({"x/l0": 0.35, "x/l1": 0.35, "y/l0": 0.15, "y/l1": 0.15})
     with pytest.raises(UserError, match="part_weights"):
         build({"name": "composite", "parts": {"x": toy}, "part_weights": {"z": 1.0}}, {})
+
+
+def test_report_from_storage_alone(tiny_models, tmp_path):
+    from optimizer.report import report
+
+    cfg = make_cfg(tiny_models, tmp_path, n_trials=5)
+    run(cfg)
+    assert report(cfg) == 0
+    md = (tmp_path / "runs/t/report/report.md").read_text()
+    assert "# Study `t`" in md and "## Best trial" in md and "## References" in md and "Time per trial" in md
+    summary = json.loads((tmp_path / "runs/t/report/report.json").read_text())
+    assert summary["best"]["trial"] == load(cfg).best_trial.number
+    assert (tmp_path / "runs/t/report/history.png").exists()
+    with pytest.raises(UserError, match="no study 'nope'"):
+        report(OmegaConf.merge(cfg, {"study_name": "nope", "storage": {"kind": "sqlite"}}))

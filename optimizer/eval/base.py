@@ -12,7 +12,15 @@ SPLITS = (SEARCH, HELDOUT)
 
 
 class EvaluationFailed(RuntimeError):
-    """Raised by an evaluator when a trial cannot be scored honestly (the trial is marked FAIL)."""
+    """Raised by an evaluator when a trial cannot be scored honestly (the trial is marked FAIL).
+
+    `info` and `artifacts` (as in Scores) are still recorded on the failed trial, so it stays auditable.
+    """
+
+    def __init__(self, reason: str, *, info: dict[str, Any] | None = None, artifacts: dict[str, str] | None = None):
+        super().__init__(reason)
+        self.info = dict(info or {})
+        self.artifacts = dict(artifacts or {})
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""`python -m optimizer.report study_name=S`: a Markdown report and plots of a study, from storage alone.
+
+Reads only the study (no model is loaded): trials, best values, references and held-out numbers cached by
+the run, parameter importances, and the merge/eval time split. Writes `runs/<study>/report/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from optimizer import UserError
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(study: optuna.Study) -> dict[str, Any]:
+    """Numbers of a study as a dict (also written as report.json)."""
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    out: dict[str, Any] = {
+        "study": study.study_name, "states": {k: v for k, v in states.items() if v},
+        "space": study.user_attrs.get("space", {}), "references": study.user_attrs.get("references", {}),
+        "merge_seconds_mean": _mean([t.user_attrs["merge_seconds"] for t in done if "merge_seconds" in t.user_attrs]),
+        "eval_seconds_mean": _mean([t.user_attrs["eval_seconds"] for t in done if "eval_seconds" in t.user_attrs]),
+        "heldout": study.user_attrs.get("heldout", {}),
+    }
+    if done and len(study.directions) == 1:
+        best = study.best_trial
+        out["best"] = {"trial": best.number, "value": best.value, "scores": best.user_attrs.get("scores", {})}
+        if len(done) >= 3 and best.params:
+            try:
+                imp = optuna.importance.get_param_importances(study)
+                out["importances"] = dict(list(imp.items())[:15])
+            except (RuntimeError, ValueError):  # too few distinct trials for the estimator
+                pass
+    elif done:
+        out["pareto_front"] = [{"trial": t.number, "values": t.values} for t in study.best_trials]
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# Study `{summary['study']}`", "", f"Trials: {summary['states']}", ""]
+    sp = summary.get("space", {})
+    if sp:
+        lines += [f"Method `{sp.get('method')}`, granularity `{sp.get('granularity')}`, models {sp.get('models')}, "
+                  f"{len(sp.get('params', []))} searched parameters.", ""]
+    if "best" in summary:
+        b = summary["best"]
+        lines += ["## Best trial (search split)", "", f"Trial {b['trial']}: **{b['value']:.4f}**", "",
+                  "| task | score |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in b["scores"].items()], ""]
+    refs = summary.get("references") or {}
+    if refs:
+        lines += ["## References", "", "| model/split | objective |", "|---|---|",
+                  *[f"| {k} | {v['objective']:.4f} |" for k, v in sorted(refs.items())], ""]
+    ho = summary.get("heldout") or {}
+    if ho:
+        lines += ["## Held-out re-evaluations", "", "| trial | held-out objective |", "|---|---|",
+                  *[f"| {k} | {v['objective']:.4f} |" for k, v in sorted(ho.items(), key=lambda kv: int(kv[0]))], ""]
+    if summary.get("importances"):
+        lines += ["## Parameter importances (fANOVA)", "", "| parameter | importance |", "|---|---|",
+                  *[f"| {k} | {v:.3f} |" for k, v in summary["importances"].items()], ""]
+    if summary.get("pareto_front"):
+        lines += ["## Pareto front", "", *[f"- trial {r['trial']}: {r['values']}" for r in summary["pareto_front"]], ""]
+    m, e = summary.get("merge_seconds_mean"), summary.get("eval_seconds_mean")
+    if m is not None and e is not None:
+        lines += ["## Time per trial", "", f"merge {m:.3f} s, evaluation {e:.3f} s "
+                  f"({100 * m / (m + e):.1f}% merging)", ""]
+    return "\n".join(lines)
+
+
+def plot_history(study: optuna.Study, path: Path) -> bool:
+    """Objective per trial and best-so-far (PNG). Returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done or len(study.directions) != 1:
+        return False
+    xs, ys = [t.number for t in done], [t.value for t in done]
+    best, run = [], None
+    for y in ys:
+        run = y if run is None else (max(run, y) if study.direction.name == "MAXIMIZE" else min(run, y))
+        best.append(run)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(xs, ys, s=12, label="trial")
+    ax.plot(xs, best, color="C1", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective (search split)")
+    ax.set_title(study.study_name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(cfg: Any) -> int:
+    from optimizer.runner import console
+    from optimizer.study import build_storage, existing_study, storage_url
+
+    run_dir = Path(cfg.run_root) / cfg.study_name
+    study = existing_study(build_storage(cfg.storage, run_dir), cfg.study_name)
+    if study is None:
+        raise UserError(f"no study {cfg.study_name!r} in {storage_url(cfg.storage, run_dir)}; check study_name, "
+                        "run_root and storage.")
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(study)
+    (out / "report.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    (out / "report.md").write_text(markdown(summary), encoding="utf-8")
+    plotted = plot_history(study, out / "history.png")
+    console.print(markdown(summary))
+    console.print(f"report written to {out}" + (" (with history.png)" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    from optimizer.cli import hydra_entry
+
+    hydra_entry(report)()
