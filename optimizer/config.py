@@ -24,6 +24,9 @@ class ModelsConfig:
         tokenizer: where the tokenizer comes from; defaults to `target` or `base`.
         dtype: dtype of the resident tensors and the live model (`auto` = as stored).
         allow_pickle: accept `.bin` checkpoints (loaded with weights_only=True).
+        vocab_policy: models whose embeddings / lm_head differ in vocabulary size: `error` (default), or
+            `truncate_to_base` (task vectors cover the rows a model shares with the base; the result keeps the
+            vocabulary of the model it is built on, target else base).
     """
 
     base: str = "zoo://base"
@@ -33,6 +36,7 @@ class ModelsConfig:
     dtype: str = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    vocab_policy: str = "error"
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Config:
     n_trials: int = 30
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest for tiny models
     run_root: str = "runs"
     max_failures: int = 5
     models: ModelsConfig = field(default_factory=ModelsConfig)

@@ -46,14 +46,17 @@ def heldout_of(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> 
 
 def reference_scores(s: Any, study: optuna.Study) -> dict[str, dict[str, Any]]:
     """The anchor (base or target) and each fine-tune alone, per split; cached on the study."""
+    from optimizer.runner import dense_reference
+
     cached: dict[str, Any] = dict(study.user_attrs.get("references", {}))
     anchor = "target" if s.cfg.models.target else "base"
     for idx, name in [(None, anchor), *enumerate(s.models.names)]:
         for split in splits(s):
             key = f"{name}/{split}"
             if key not in cached:
-                s.applier.apply_single(idx)
-                cached[key] = entry(s, s.evaluator.evaluate(s.live, s.tokenizer, split))
+                model, applier = dense_reference(s)
+                applier.apply_single(idx)
+                cached[key] = entry(s, s.evaluator.evaluate(model, s.tokenizer, split))
     study.set_user_attr("references", cached)
     out: dict[str, dict[str, Any]] = {}
     for key, v in cached.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
@@ -46,9 +48,12 @@ class Session:
     space: SearchSpace
     evaluator: Any
     objective: Objective
+    moe: Any = None
     live: Any = None
     tokenizer: Any = None
     applier: Any = None
+    resident: Any = None
+    dense: Any = None  # (model, applier) of the dense models, for references when the live model is an MoE
     timings: dict[str, list[float]] = field(default_factory=lambda: {"merge": [], "eval": [], "pruned_at": []})
 
 
@@ -61,6 +66,21 @@ def prepare(cfg: Any) -> Session:
     method = METHODS[cfg.merge.method]
     check_sampler(cfg.sampler)
     device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    moe = None
+    if cfg.moe is not None:
+        from optimizer.moe.config import load_moe_config
+
+        moe = load_moe_config(cfg.moe)
+        if cfg.models.target:
+            raise UserError("moe= is set together with models.target; an MoE takes its shared tensors from "
+                            "moe.base_model, so drop models.target.")
+        # The MoE recipe names the models: its base and experts replace the `models` group.
+        cfg.models.base = moe.base_model
+        cfg.models.models = {e.name: e.source_model for e in moe.experts}
+        if moe.dtype != "auto":
+            cfg.models.dtype = moe.dtype
     models = ModelSet(cfg.models)
     n = len(models.names)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
@@ -69,7 +89,12 @@ def prepare(cfg: Any) -> Session:
     if cfg.models.target and not method.uses_base:
         raise UserError(f"models.target is set, but {method.name!r} is not a task-vector method; "
                         "drop models.target or use task_arithmetic/ties/dare_*.")
-    space = SearchSpace(method, models.names, derive_layout(models.tensor_names, cfg.mode.granularity), cfg.merge)
+    names = models.tensor_names
+    if moe is not None:
+        from optimizer.moe.search import live_tensor_names
+
+        names = live_tensor_names(moe, names)  # tensors that never reach the MoE's output are not searched
+    space = SearchSpace(method, models.names, derive_layout(names, cfg.mode.granularity), cfg.merge)
     run_dir = Path(cfg.run_root) / cfg.study_name
     context = {"device": device, "run_dir": run_dir, "seed": cfg.seed, "cfg": cfg}
     evaluator = build_evaluator(cfg.evaluator, context)
@@ -85,7 +110,7 @@ def prepare(cfg: Any) -> Session:
                             "(e.g. 25) so items are scored and reported in chunks.")
     for b in cfg.merge.baselines:
         space.baseline(b)
-    return Session(cfg, run_dir, device, models, space, evaluator, objective)
+    return Session(cfg, run_dir, device, models, space, evaluator, objective, moe=moe)
 
 
 def load(s: Session) -> None:
@@ -98,12 +123,36 @@ def load(s: Session) -> None:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"loading {len(s.models.names)} task vectors to {s.device}", total=len(names))
         resident = s.models.load_resident(s.device, progress=lambda _: bar.advance(task))
-    s.live = s.models.load_live(s.device)
     s.tokenizer = s.models.load_tokenizer()
-    s.applier = Applier(s.live, resident)
+    if s.moe is None:
+        s.live = s.models.load_live(s.device)
+        s.applier = Applier(s.live, resident)
+    else:
+        from transformers import AutoConfig
+
+        from optimizer.moe.search import MoeApplier, build_live_moe
+
+        base_config = AutoConfig.from_pretrained(str(s.models.base.path))
+        s.live = build_live_moe(s.moe, base_config, resident.anchor, resident.deltas, s.tokenizer,
+                                dtype=s.models.dtype, device=s.device)
+        s.applier = MoeApplier(s.live, resident, s.moe, s.tokenizer)
+    s.resident = resident
     console.print(f"resident: {resident.nbytes() / 2**20:.1f} MiB on {s.device}; "
                   f"search space: {len(s.space)} parameters ({s.space.layout.granularity}, "
                   f"{len(s.space.layout.units)} units x {len(s.models.names)} models)")
+
+
+def dense_reference(s: Session) -> tuple[Any, Any]:
+    """(model, applier) that can write the base or one expert alone: the live model, or for an MoE a dense
+    model loaded on first use (references compare the MoE with the dense experts it was built from)."""
+    if s.moe is None:
+        return s.live, s.applier
+    if s.dense is None:
+        from optimizer.merge.apply import Applier
+
+        model = s.models.load_live(s.device)
+        s.dense = (model, Applier(model, s.resident))
+    return s.dense
 
 
 def evaluate_plan(s: Session, plan: Any, split: str, trial_number: int = 0, on_item: Any = None) -> Any:
@@ -195,6 +244,9 @@ def enqueue_baselines(s: Session, study: optuna.Study) -> None:
 
 def run(cfg: Any) -> int:
     """Run or resume the study named by `cfg.study_name`; returns the process exit code."""
+    # lm-eval and transformers draw a tqdm bar per evaluation: thousands of lines over a study. The
+    # per-trial line below is the progress display; TQDM_DISABLE=0 brings the bars back.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("optuna").setLevel(logging.WARNING)
     for noisy in ("httpx", "httpx2", "openai", "anthropic"):  # one INFO line per judge request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
