@@ -69,7 +69,8 @@ def write_trial(s: Any, trial: optuna.trial.FrozenTrial, dest: Path, scores: dic
     s.applier.apply(plan, seed=s.cfg.seed, trial=trial.number)
     header = (f"merge-optimizer recipe: study {s.cfg.study_name}, trial {trial.number}, "
               f"search objective {value_of(trial)}")
-    return write_model_dir(s, dest, recipe=dump_recipe(recipe_doc(s, plan), header), scores=scores)
+    recipe = dump_recipe(recipe_doc(s, plan, trial.number), header)
+    return write_model_dir(s, dest, recipe=recipe, scores=scores)
 
 
 def is_current(dest: Path, study: optuna.Study) -> bool:

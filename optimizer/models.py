@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +11,10 @@ import torch
 
 from optimizer import UserError
 from optimizer.checkpoint import Checkpoint, TensorInfo
+
+VOCAB_POLICIES = ("error", "truncate_to_base")
+# token-indexed tensors: their first dimension is the vocabulary (Llama/Mistral/Qwen/Gemma, GPT-2, NeoX)
+_VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|embed_out|word_embeddings)\.weight$")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -66,6 +72,7 @@ class ModelSet:
                             "models.models={chat: path/to/model}.")
         allow = bool(cfg.allow_pickle)
         self.cfg = cfg
+        self.vocab_policy = check_vocab_policy(getattr(cfg, "vocab_policy", "error"), "models.vocab_policy")
         self.base = Checkpoint(cfg.base, what="models.base", allow_pickle=allow)
         self.experts = {n: Checkpoint(r, what=f"models.models.{n}", allow_pickle=allow)
                         for n, r in cfg.models.items()}
@@ -74,7 +81,7 @@ class ModelSet:
         self.infos: dict[str, TensorInfo] = self.base.infos()
         for ckpt in [*self.experts.values(), self.target]:
             if ckpt is not self.base:
-                check_compatible(self.infos, ckpt.infos(), ckpt.what, ckpt.ref)
+                check_compatible(self.infos, ckpt.infos(), ckpt.what, ckpt.ref, self.vocab_policy)
         first = next(i for i in self.infos.values() if i.dtype.is_floating_point)
         self.dtype = parse_dtype(cfg.dtype, first.dtype)
 
@@ -91,17 +98,8 @@ class ModelSet:
         anchor, deltas = {}, {}
         names = self.tensor_names
         for name in names:
-            base = self.base.tensor(name).to(device, torch.float32)
-            check_finite(base, name, self.base.what)
-            tgt = base if self.target is self.base else self.target.tensor(name).to(device, torch.float32)
-            check_finite(tgt, name, self.target.what)
-            ds = []
-            for ckpt in self.experts.values():
-                t = ckpt.tensor(name).to(device, torch.float32)
-                check_finite(t, name, ckpt.what)
-                ds.append((t - base).to(self.dtype))
-            anchor[name] = tgt.to(self.dtype)
-            deltas[name] = ds
+            anchor[name], deltas[name] = load_tensor_set(name, self.base, self.target, list(self.experts.values()),
+                                                         device, self.dtype)
             if progress is not None:
                 progress(name)
         return Resident(names, anchor, deltas, self.names, device)
@@ -132,21 +130,94 @@ class ModelSet:
         return tok
 
 
-def check_compatible(ref: dict[str, TensorInfo], other: dict[str, TensorInfo], what: str, where: str) -> None:
-    """Raise UserError naming the first tensor whose name or shape differs from the base's."""
+def check_vocab_policy(policy: str, what: str) -> str:
+    """Return `policy` if it is one of VOCAB_POLICIES, else raise UserError naming `what`."""
+    if policy not in VOCAB_POLICIES:
+        raise UserError(f"{what}={policy!r} is unknown; use one of {', '.join(VOCAB_POLICIES)}.")
+    return policy
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """True for token-indexed tensors (input embeddings, lm_head), whose first dimension is the vocabulary."""
+    return bool(_VOCAB_TENSOR.search(name))
+
+
+def check_compatible(ref: dict[str, TensorInfo], other: dict[str, TensorInfo], what: str, where: str,
+                     vocab_policy: str = "error") -> None:
+    """Raise UserError naming the first tensor whose name or shape differs from the base's.
+
+    Args:
+        ref: the base's tensors.
+        other: another model's tensors.
+        what, where: how the model is named in messages (config key, reference).
+        vocab_policy: "error", or "truncate_to_base": embeddings / lm_head may differ in their first
+            (vocabulary) dimension; the merge keeps the vocabulary of the model it writes into.
+    """
     for name, info in ref.items():
         if name not in other:
             raise UserError(f"{what}={where!r} has no tensor {name!r} that the base has; all models must "
                             "share one architecture (same tensor names).")
-        if other[name].shape != info.shape:
-            raise UserError(f"{what}={where!r}: tensor {name!r} has shape {list(other[name].shape)} but the "
-                            f"base has {list(info.shape)}; models of different sizes cannot be merged.")
+        shape = other[name].shape
+        if shape == info.shape:
+            continue
+        if is_vocab_tensor(name) and shape[1:] == info.shape[1:]:
+            if vocab_policy == "truncate_to_base":
+                continue
+            raise UserError(f"{what}={where!r}: tensor {name!r} has {shape[0]} vocabulary rows but the base "
+                            f"has {info.shape[0]}; the models use different vocabularies. Set vocab_policy=truncate_to_base "
+                            "(models.vocab_policy in a study, --vocab-policy for python -m optimizer.merge, "
+                            "merge_optimizer.vocab_policy in a recipe) to merge only the rows they share (the result keeps "
+                            "the vocabulary and tokenizer of the model it is built on), or resize the "
+                            "vocabularies to match first.")
+        raise UserError(f"{what}={where!r}: tensor {name!r} has shape {list(shape)} but the "
+                        f"base has {list(info.shape)}; models of different sizes cannot be merged.")
     extra = [n for n in other if n not in ref]
     if extra:
         raise UserError(f"{what}={where!r} has tensor {extra[0]!r} that the base lacks; all models must "
                         "share one architecture (same tensor names).")
 
 
+def load_tensor_set(name: str, base: Checkpoint, target: Checkpoint, experts: Sequence[Checkpoint],
+                    device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One tensor's anchor and task vectors, as the study holds them (the one definition, shared by the
+    study and `python -m optimizer.merge`, so a recipe re-applied reproduces a trial bit for bit).
+
+    Deltas are taken in float32 and then stored in `dtype`. Vocabulary rows that exist in only one of a
+    model and the base (a checked vocab policy let them differ) get a zero task vector: the anchor (target,
+    else base) keeps its own rows.
+
+    Args:
+        name: tensor name.
+        base: the checkpoint task vectors are taken against.
+        target: the anchor the deltas are added to (`base` itself when there is no target).
+        experts: the fine-tunes, in model order.
+        device: where the tensors go.
+        dtype: dtype of the returned anchor and deltas.
+    """
+    b = base.tensor(name).to(device, torch.float32)
+    check_finite(b, name, base.what)
+    tgt = b
+    if target is not base:
+        tgt = target.tensor(name).to(device, torch.float32)
+        check_finite(tgt, name, target.what)
+    deltas = [_delta(ckpt, name, b, tgt.shape[0], device).to(dtype) for ckpt in experts]
+    return tgt.to(dtype), deltas
+
+
+def _delta(ckpt: Checkpoint, name: str, b: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """One model's float32 task vector (its full tensor is freed on return, before the next model's is read).
+    Vocabulary rows only one side has are cut, or zero-padded to the anchor's `rows`."""
+    t = ckpt.tensor(name).to(device, torch.float32)
+    check_finite(t, name, ckpt.what)
+    if t.shape == b.shape and rows == b.shape[0]:
+        return t - b  # not in place: `t` may be a cached tensor of a pickled checkpoint, or `b` itself
+    shared = min(t.shape[0], b.shape[0], rows)
+    out = torch.zeros((rows, *b.shape[1:]), dtype=torch.float32, device=b.device)
+    out[:shared] = t[:shared] - b[:shared]
+    return out
+
+
 def check_finite(t: torch.Tensor, name: str, what: str) -> None:
-    if not torch.isfinite(t).all():
+    # in chunks: isfinite on a whole tensor makes about one tensor's worth of temporaries
+    if not all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(1 << 20)):
         raise UserError(f"{what}: tensor {name!r} contains NaN or inf; the checkpoint is corrupt.")

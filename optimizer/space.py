@@ -94,11 +94,10 @@ def _layers(names: Sequence[str]) -> dict[int, tuple[str, list[str]]]:
 
 
 def _gradient(names: Sequence[str], k: int) -> Layout:
-    """K anchors spread evenly over the layers, linearly interpolated.
+    """K anchors spread evenly over the layers, linearly interpolated; non-layer tensors take anchor 0.
 
-    As in mergekit's gradients: tensors before the layers (embeddings) take the first anchor, tensors after
-    them (final norm, lm_head) the last. (DESIGN.md said "the first value" for all three; mergekit's
-    planner evaluates the post-layer tensors at t=1.)
+    This is what mergekit does with gradient lists (checked against mergekit 0.1.5 by
+    tests/merge/test_mergekit_oracle.py): embeddings, final norm and lm_head all take the first value.
     """
     layers = _layers(names)
     n_layers = max(layers) + 1 if layers else 1
@@ -106,7 +105,7 @@ def _gradient(names: Sequence[str], k: int) -> Layout:
     groups = []
     for n in names:
         if not _LAYER.match(n):
-            groups.append(Group(n, (n,), ((0 if _sort_key(n)[0] == 0 else k - 1, 1.0),)))
+            groups.append(Group(n, (n,), ((0, 1.0),)))
     for idx, (flt, ts) in sorted(layers.items()):
         groups.append(Group(flt, tuple(ts), _interp(idx, n_layers, k)))
     return Layout(f"gradient:{k}", units, tuple(sorted(groups, key=lambda g: _sort_key(g.tensors[0]))))

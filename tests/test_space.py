@@ -71,9 +71,9 @@ def test_gradient_interpolates_between_anchors(mistral7b):
     mid = next(g for g in layout.groups if g.filter == "model.layers.10.")
     assert first.mix == ((0, 1.0),) and last.mix == ((1, 1.0),)
     assert mid.mix[0][1] == pytest.approx(1 - 10 / 31)
-    by_filter = {g.filter: g.mix for g in layout.groups}  # mergekit: embeddings t=0, norm/lm_head t=1
+    by_filter = {g.filter: g.mix for g in layout.groups}  # mergekit: non-layer tensors take the first value
     assert by_filter["model.embed_tokens.weight"] == ((0, 1.0),)
-    assert by_filter["model.norm.weight"] == ((1, 1.0),) and by_filter["lm_head.weight"] == ((1, 1.0),)
+    assert by_filter["model.norm.weight"] == ((0, 1.0),) and by_filter["lm_head.weight"] == ((0, 1.0),)
 
 
 @pytest.mark.parametrize("bad", ["rows", "block:x", "gradient:0", "layer:3"])

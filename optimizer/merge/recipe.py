@@ -9,9 +9,9 @@ same full layer range (the classic SLERP recipe). Parameter values follow mergek
   (the value may itself be a gradient); no match falls through to the next level.
 
 Lookup order (as mergekit): the model's own parameters, then the slice's, then the top-level ones, then
-mergekit's default for the parameter. Non-layer tensors use t = 0 for embeddings and t = 1 for everything after
-the last layer (final norm, lm_head): mergekit plans pre-weights at t=0 and post-weights at t=1, so those take
-the *last* gradient value, not the first.
+mergekit's default for the parameter. Non-layer tensors (embeddings, final norm, lm_head) use t = 0, i.e. the
+*first* gradient value: mergekit's planner reads both pre- and post-layer weights with a ConfigReader at t=0
+(mergekit 0.1.4 and 0.1.5; tests/merge/test_mergekit_oracle.py checks the installed mergekit).
 
 Example:
     >>> r = Recipe.from_dict({"merge_method": "slerp", "base_model": "a",
@@ -92,11 +92,11 @@ def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
 
 
 def layer_fraction(tensor_name: str, layer_index: int | None, num_layers: int) -> float:
-    """mergekit's t: index / (layers - 1) in a layer (1 for a single layer); 0 for embeddings; 1 after the
-    layers (final norm, lm_head). Non-layer tensors are told apart by name ("embed" / "wte" = before)."""
+    """mergekit's t: index / (layers - 1) in a layer (1 for a single layer); 0 outside the layers
+    (embeddings, final norm, lm_head)."""
     if layer_index is not None:
         return layer_index / (num_layers - 1) if num_layers > 1 else 1.0
-    return 0.0 if ("embed" in tensor_name or "wte" in tensor_name) else 1.0
+    return 0.0
 
 
 def _params(raw: Any, where: str) -> Mapping[str, Setting]:

@@ -64,12 +64,12 @@ def test_slices_form_gradients_and_filters():
 
 
 def test_non_layer_tensors_follow_mergekit_t():
-    """Embeddings are planned at t=0 (first value); final norm and lm_head at t=1 (the last value)."""
+    """mergekit plans embeddings, final norm and lm_head all at t=0: the first gradient value."""
     r = Recipe.from_dict({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
                           "parameters": {"t": [0.1, 0.9]}})
     assert r.value(None, "t", "model.embed_tokens.weight", None, 4) == pytest.approx(0.1)
-    assert r.value(None, "t", "model.norm.weight", None, 4) == pytest.approx(0.9)
-    assert r.value(None, "t", "lm_head.weight", None, 4) == pytest.approx(0.9)
+    assert r.value(None, "t", "model.norm.weight", None, 4) == pytest.approx(0.1)
+    assert r.value(None, "t", "lm_head.weight", None, 4) == pytest.approx(0.1)
     assert layer_fraction("x", 0, 1) == 1.0  # one layer: mergekit uses t = 1
 
 

@@ -1,0 +1,171 @@
+"""Apply a mergekit-style recipe with our kernels and write a loadable HF model folder.
+
+``python -m optimizer.merge RECIPE.yaml OUT_DIR`` is a thin wrapper around :func:`merge_recipe`. The merge runs
+one tensor at a time: the base's tensor, each model's tensor (turned into a task vector exactly as a study
+holds it, see ``optimizer.models.load_tensor_set``), the kernel's result, streamed into safetensors shards
+(``optimizer.merge.writer``). Memory is a few tensors, never several models.
+
+Recipe semantics are mergekit's (``optimizer.merge.recipe``; resolution and checks in
+``optimizer.merge.recipe_inputs``), plus the ``merge_optimizer`` key that mergekit ignores: seed, trial and
+device of random masks (seeded per tensor with ``seed_for(seed, trial, name)``, as a study's trial is), a
+chat-vector ``target``, linear's ``base``, ``rescale: inverse_density`` and ``vocab_policy``.
+
+The output folder holds config.json (the anchor's, dtype updated), generation_config.json, the tokenizer files
+(of ``tokenizer_source``, else of the model the result is built on), the weights and the recipe.
+
+Example:
+    >>> merge_recipe("best/recipe.yaml", "merged/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optimizer import UserError
+from optimizer.merge.recipe_inputs import Inputs, layer_of, load_recipe, resolve, tensor_params
+from optimizer.merge.sparsify import seed_for
+from optimizer.merge.writer import ShardWriter
+from optimizer.models import load_tensor_set, pick_device
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def merge_recipe(recipe_path: str | Path, out_dir: str | Path, *, seed: int | None = None,
+                 trial: int | None = None, device: str | None = None, vocab_policy: str | None = None,
+                 allow_pickle: bool = False, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
+                 log: Any = None) -> Path:
+    """Apply the recipe at `recipe_path` and write the merged model to `out_dir`.
+
+    Args:
+        recipe_path: mergekit-style YAML.
+        out_dir: destination folder (written via a temporary sibling, then renamed).
+        seed, trial: seed and trial number of random masks (default: the recipe's, else 0).
+        device: where the kernels run (`auto`, `cpu`, `cuda`, ...). Default: for random-mask methods the
+            device type the recipe's masks were drawn on (`merge_optimizer.device`) if present here, else auto.
+        vocab_policy: "error" or "truncate_to_base" for models with different vocabulary sizes.
+        allow_pickle: accept `.bin` checkpoints.
+        max_shard_bytes: output shard size.
+        overwrite: replace a non-empty `out_dir`.
+        log: callable for progress lines (default: stderr).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    recipe, raw = load_recipe(recipe_path)
+    inp = resolve(recipe, raw, seed=seed, trial=trial, vocab_policy=vocab_policy, allow_pickle=allow_pickle)
+    out = _check_out_dir(Path(out_dir), inp, overwrite)
+    if not (Path(inp.target.path) / "config.json").exists():
+        raise UserError(f"{inp.target.what}={inp.target.ref!r} has no config.json; the merged folder needs the "
+                        "architecture of the model it is built on.")
+    dev = _device(device, inp, log)
+    infos = inp.target.infos()
+    names = list(infos)
+    layers = {n: layer_of(n) for n in names}
+    n_layers = _num_layers(inp.target.path, layers)
+    params = {n: tensor_params(inp, n, layers[n], n_layers) for n in names if infos[n].dtype.is_floating_point}
+    if inp.method.stochastic:
+        log(f"random masks: seed {inp.seed}, trial {inp.trial} (per tensor: seed_for(seed, trial, name)) on {dev}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_weights(inp, tmp, infos, params, dev, max_shard_bytes, log)
+        _write_side_files(inp, tmp, Path(recipe_path))
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"{inp.method.name} merge of {len(inp.experts)} models written to {out}")
+    return out
+
+
+def _device(requested: str | None, inp: Inputs, log: Any) -> torch.device:
+    """The device to merge on; random masks depend on the device type (CPU and CUDA generators differ)."""
+    wanted = inp.mask_device if inp.method.stochastic else None
+    if requested is None:
+        requested = "auto"
+        if wanted:
+            try:
+                requested = str(pick_device(wanted))
+            except UserError:
+                pass
+    dev = pick_device(requested)
+    if wanted and dev.type != wanted:
+        log(f"warning: the recipe's random masks were drawn on {wanted}; drawing them on {dev.type} gives other "
+            "masks, so the result will not be the study's trial")
+    return dev
+
+
+def _check_out_dir(out: Path, inp: Inputs, overwrite: bool) -> Path:
+    out = out.expanduser().resolve()
+    for ckpt in [inp.base, inp.target, *inp.experts]:
+        if out == Path(ckpt.path).resolve():
+            raise UserError(f"OUT_DIR {str(out)!r} is the folder of input model {ckpt.ref!r}; choose another one.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"OUT_DIR {str(out)!r} exists and is not empty; pass --overwrite to replace it.")
+    return out
+
+
+def _num_layers(path: Path, layers: Mapping[str, int | None]) -> int:
+    """Decoder layers (mergekit's gradients run over them): config.json's count, else the tensor names'."""
+    try:
+        n = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError):
+        n = None
+    return int(n) if n else max((i for i in layers.values() if i is not None), default=0) + 1
+
+
+def _write_weights(inp: Inputs, dest: Path, infos: Mapping[str, Any], params: Mapping[str, Any],
+                   dev: torch.device, max_shard_bytes: int, log: Any) -> None:
+    """Merge and stream every tensor, in the anchor's order; non-float tensors are copied from the anchor."""
+    entries = [(n, tuple(i.shape), inp.out_dtype if n in params else i.dtype) for n, i in infos.items()]
+    writer = ShardWriter(dest, entries, max_shard_bytes)
+    step = max(1, len(infos) // 10)
+    for i, name in enumerate(infos):
+        if i and i % step == 0:
+            log(f"  {i}/{len(infos)} tensors merged")
+        if name not in params:
+            writer.write(name, inp.target.tensor(name))
+            continue
+        anchor, deltas = load_tensor_set(name, inp.base, inp.target, inp.experts, dev, inp.dtype)
+        gen = None
+        if inp.method.stochastic:  # exactly as optimizer.merge.apply.Applier seeds a trial
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(seed_for(inp.seed, inp.trial, name))
+        mp, gp = params[name]
+        try:
+            merged = inp.method.fn(anchor, deltas, mp, gp, generator=gen, name=name)
+        except ValueError as e:
+            raise UserError(f"cannot merge tensor {name!r}: {e}.") from None
+        writer.write(name, merged.to(inp.out_dtype))
+        del anchor, deltas, merged
+    writer.close()
+
+
+def _write_side_files(inp: Inputs, dest: Path, recipe_path: Path) -> None:
+    """config.json (dtype updated), generation config, tokenizer files and the recipe itself."""
+    src = Path(inp.target.path)
+    config = json.loads((src / "config.json").read_text())
+    dtype_name = _DTYPE_NAMES.get(inp.out_dtype, str(inp.out_dtype).removeprefix("torch."))
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = dtype_name
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (src / "generation_config.json").exists():
+        shutil.copy2(src / "generation_config.json", dest / "generation_config.json")
+    copied = [f for f in _TOKENIZER_FILES if inp.tokenizer and (inp.tokenizer / f).exists()]
+    for f in copied:
+        shutil.copy2(inp.tokenizer / f, dest / f)
+    if inp.tokenizer and not copied:
+        print(f"warning: no tokenizer files in {inp.tokenizer}; the output has no tokenizer", file=sys.stderr)
+    shutil.copy2(recipe_path, dest / "recipe.yaml")
