@@ -115,7 +115,7 @@ class Config:
     n_trials: int = 30
     seed: int = 0
     device: str = "auto"
-    threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest for tiny models
+    threads: int | None = None  # torch CPU threads; None: auto (1 for models under 50M params on CPU)
     run_root: str = "runs"
     max_failures: int = 5
     models: ModelsConfig = field(default_factory=ModelsConfig)

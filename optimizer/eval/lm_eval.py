@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,8 +199,17 @@ class LmEvalEvaluator:
     def _run(self, lm: Any, split: str, indices: dict[str, list[int]]) -> dict[str, Any]:
         from lm_eval.evaluator import evaluate
 
-        return evaluate(lm, self._tasks_for(split), samples=indices, bootstrap_iters=0, log_samples=True,
-                        apply_chat_template=self.cfg.apply_chat_template, verbosity="ERROR")
+        # lm-eval draws several tqdm bars per call (it passes disable=False, so TQDM_DISABLE has no effect):
+        # thousands of lines over a study. They go to a buffer, shown only if the evaluation fails.
+        quiet = os.environ.get("TQDM_DISABLE", "1") != "0"
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buf) if quiet else contextlib.nullcontext():
+                return evaluate(lm, self._tasks_for(split), samples=indices, bootstrap_iters=0, log_samples=True,
+                                apply_chat_template=self.cfg.apply_chat_template, verbosity="ERROR")
+        except BaseException:
+            sys.stderr.write(buf.getvalue()[-5000:])
+            raise
 
     def _chunked(self, lm: Any, split: str, indices: dict[str, list[int]], chunk: int,
                  on_item: Callable) -> Scores:
