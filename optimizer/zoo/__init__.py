@@ -1,0 +1,85 @@
+"""The demo model zoo: a tiny Mistral base, three skill experts fine-tuned from it, and their lm-eval tasks.
+
+Everything offline runs on it. Importing this package is cheap; training code loads only when a build runs.
+
+Example:
+    >>> from optimizer.zoo import ensure_zoo, resolve_model_ref
+    >>> root = ensure_zoo()                     # builds once (~2-3 min on 2 CPU cores), then cached
+    >>> resolve_model_ref("zoo://add")          # -> "~/.cache/merge-optimizer/zoo/v2/add"
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RECIPE_VERSION = 2
+EXPERTS = ("add", "rev", "kana")
+MODELS = ("base", *EXPERTS)
+ZOO_TASKS = ("zoo_add", "zoo_rev", "zoo_kana")
+# Same tasks on the held-out split (lm-eval 0.4.13 cannot override test_split of a registered task).
+ZOO_TASKS_HELDOUT = ("zoo_add_heldout", "zoo_rev_heldout", "zoo_kana_heldout")
+TASKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo_tasks"
+MANIFEST = "zoo.json"
+SCHEME = "zoo://"
+
+
+def cache_dir() -> Path:
+    """`$MERGE_OPTIMIZER_CACHE`, default `~/.cache/merge-optimizer`."""
+    return Path(os.environ.get("MERGE_OPTIMIZER_CACHE", "~/.cache/merge-optimizer")).expanduser()
+
+
+def zoo_dir() -> Path:
+    """Where the zoo lives: `$MERGE_OPTIMIZER_ZOO` if set, else `<cache_dir>/zoo/v<RECIPE_VERSION>`."""
+    explicit = os.environ.get("MERGE_OPTIMIZER_ZOO")
+    return Path(explicit).expanduser() if explicit else cache_dir() / "zoo" / f"v{RECIPE_VERSION}"
+
+
+def is_built(root: Path) -> bool:
+    """True when `root` holds a complete zoo of the current recipe version."""
+    import json
+
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("recipe_version") == RECIPE_VERSION
+
+
+def ensure_zoo(out: Path | str | None = None, *, force: bool = False, progress: bool = False) -> Path:
+    """Return the zoo folder, building it first if it is missing or from another recipe version.
+
+    Args:
+        out: zoo folder; default `zoo_dir()`.
+        force: rebuild even if a current zoo is there.
+        progress: show a progress display while building.
+    """
+    root = Path(out).expanduser() if out is not None else zoo_dir()
+    if force or not is_built(root):
+        from .build import build_zoo
+
+        build_zoo(root, force=force, progress=progress)
+    return root
+
+
+def resolve_model_ref(ref: str) -> str:
+    """Map `zoo://base`, `zoo://add`, `zoo://rev`, `zoo://kana` to local folders (building the zoo if
+    needed); any other reference (a path or hub id) is returned unchanged.
+
+    Args:
+        ref: model reference from a config.
+    """
+    if not ref.startswith(SCHEME):
+        return ref
+    name = ref[len(SCHEME):].strip("/")
+    if name not in MODELS:
+        from optimizer import UserError
+
+        raise UserError(f"unknown zoo model {ref!r}; the zoo has {', '.join(SCHEME + m for m in MODELS)}")
+    return str(ensure_zoo() / name)
+
+
+__all__ = [
+    "EXPERTS", "MODELS", "RECIPE_VERSION", "TASKS_DIR", "ZOO_TASKS", "ZOO_TASKS_HELDOUT",
+    "cache_dir", "ensure_zoo", "is_built", "resolve_model_ref", "zoo_dir",
+]
