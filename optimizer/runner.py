@@ -183,6 +183,7 @@ def item_reporter(s: Session, trial: optuna.Trial) -> Any:
         return None
     every = max(int(getattr(s.evaluator.cfg, "chunk_size", 1)), 1)
     step = 0
+    started = time.perf_counter()
 
     def on_item(task: str, index: int, value: float) -> None:
         nonlocal step
@@ -190,6 +191,8 @@ def item_reporter(s: Session, trial: optuna.Trial) -> Any:
         step += 1
         if step % every == 0 and trial.should_prune():
             s.timings["pruned_at"].append(step)
+            trial.set_user_attr("pruned_after_items", step)
+            trial.set_user_attr("eval_seconds", time.perf_counter() - started)
             raise optuna.TrialPruned(f"pruned after {step} items")
 
     return on_item

@@ -1,11 +1,12 @@
-"""The demo model zoo: a tiny Mistral base, three skill experts fine-tuned from it, and their lm-eval tasks.
+"""The demo model zoo: a tiny Mistral base, three skill experts fine-tuned from it, three MLP-only variants of
+them (frankenMoE sources), and their lm-eval tasks.
 
 Everything offline runs on it. Importing this package is cheap; training code loads only when a build runs.
 
 Example:
     >>> from optimizer.zoo import ensure_zoo, resolve_model_ref
     >>> root = ensure_zoo()                     # builds once (~2-3 min on 2 CPU cores), then cached
-    >>> resolve_model_ref("zoo://add")          # -> "~/.cache/merge-optimizer/zoo/v2/add"
+    >>> resolve_model_ref("zoo://add")          # -> "~/.cache/merge-optimizer/zoo/v3/add"
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 EXPERTS = ("add", "rev", "kana")
-MODELS = ("base", *EXPERTS)
+# The same skills fine-tuned with only `mlp.*` trainable. A frankenMoE keeps nothing of an expert but its
+# MLPs; the full fine-tunes keep much of their skill in attention (oracle-routed MoE ~0.56x of the expert).
+MOE_EXPERTS = tuple(f"{skill}_mlp" for skill in EXPERTS)
+SKILL_OF = {**{e: e for e in EXPERTS}, **dict(zip(MOE_EXPERTS, EXPERTS, strict=True))}
+MODELS = ("base", *EXPERTS, *MOE_EXPERTS)
 ZOO_TASKS = ("zoo_add", "zoo_rev", "zoo_kana")
 # Same tasks on the held-out split (lm-eval 0.4.13 cannot override test_split of a registered task).
 ZOO_TASKS_HELDOUT = ("zoo_add_heldout", "zoo_rev_heldout", "zoo_kana_heldout")
@@ -63,8 +68,8 @@ def ensure_zoo(out: Path | str | None = None, *, force: bool = False, progress: 
 
 
 def resolve_model_ref(ref: str) -> str:
-    """Map `zoo://base`, `zoo://add`, `zoo://rev`, `zoo://kana` to local folders (building the zoo if
-    needed); any other reference (a path or hub id) is returned unchanged.
+    """Map `zoo://base`, `zoo://add`, `zoo://add_mlp`, ... (any of `MODELS`) to local folders (building the
+    zoo if needed); any other reference (a path or hub id) is returned unchanged.
 
     Args:
         ref: model reference from a config.
@@ -80,6 +85,7 @@ def resolve_model_ref(ref: str) -> str:
 
 
 __all__ = [
-    "EXPERTS", "MODELS", "RECIPE_VERSION", "TASKS_DIR", "ZOO_TASKS", "ZOO_TASKS_HELDOUT",
+    "EXPERTS", "MODELS", "MOE_EXPERTS", "RECIPE_VERSION", "SKILL_OF", "TASKS_DIR", "ZOO_TASKS",
+    "ZOO_TASKS_HELDOUT",
     "cache_dir", "ensure_zoo", "is_built", "resolve_model_ref", "zoo_dir",
 ]

@@ -1,6 +1,6 @@
 """`python -m optimizer.zoo [--out DIR] [--force]`: build the demo zoo (if needed) and print its scores.
 
-Exit 0 when every expert beats the base on its own skill, 1 (with the reason) when not.
+Exit 0 when every expert (full and MLP-only) beats the base on its own skill, 1 (with the reason) when not.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import EXPERTS, MANIFEST, ensure_zoo, zoo_dir
+from . import EXPERTS, MANIFEST, MODELS, ensure_zoo, zoo_dir
 
 
 def print_tables(manifest: dict) -> None:
-    """Print the per-skill accuracy tables (rows: models and uniform merges; cols: skills and mean)."""
+    """Print the per-skill accuracy tables (rows: models, MLP-only experts and uniform merges; cols: skills
+    and mean)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -26,7 +27,7 @@ def print_tables(manifest: dict) -> None:
             table.add_column(col, justify="right")
         for name, scores in rows.items():
             table.add_row(name, *(f"{scores[c]:.3f}" for c in (*EXPERTS, "mean")),
-                          end_section=name == EXPERTS[-1])
+                          end_section=name in (EXPERTS[-1], MODELS[-1]))
         console.print(table)
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = json.loads((root / MANIFEST).read_text())
         print_tables(manifest)
         acc = manifest["accuracy"]
-        check_experts({row: {split: acc[split][row] for split in acc} for row in ("base", *EXPERTS)})
+        check_experts({row: {split: acc[split][row] for split in acc} for row in MODELS})
     except ZooBuildError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -15,7 +15,18 @@ from pathlib import Path
 
 import torch
 
-from . import EXPERTS, MANIFEST, RECIPE_VERSION, ZOO_TASKS, ZOO_TASKS_HELDOUT, is_built, skills
+from . import (
+    EXPERTS,
+    MANIFEST,
+    MODELS,
+    MOE_EXPERTS,
+    RECIPE_VERSION,
+    SKILL_OF,
+    ZOO_TASKS,
+    ZOO_TASKS_HELDOUT,
+    is_built,
+    skills,
+)
 from .mergeability import WEIGHTS, Table, mean, merge_rows, score_state_dicts
 from .progress import BuildProgress
 from .recipe import RECIPE, Recipe, finetune_expert, pretrain_base
@@ -109,11 +120,18 @@ def _build_into(tmp: Path, recipe: Recipe, show: bool) -> dict:
                                    on_step=bar.stage(f"fine-tune {skill}", recipe.expert_steps))
             for skill in EXPERTS
         }
+        # Trained last, each from its own fresh seeded data generator: the models above are what v2 built.
+        mlp_experts = {
+            name: finetune_expert(base, tok, SKILL_OF[name], exclude, recipe, mlp_only=True,
+                                  on_step=bar.stage(f"fine-tune {name}", recipe.expert_steps))
+            for name in MOE_EXPERTS
+        }
+        models = {"base": base, **experts, **mlp_experts}
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bars
-            for name, model in {"base": base, **experts}.items():
+            for name, model in models.items():
                 model.save_pretrained(tmp / name)
                 tok.save_pretrained(tmp / name)
-        states = {"base": base.state_dict(), **{k: m.state_dict() for k, m in experts.items()}}
+        states = {name: model.state_dict() for name, model in models.items()}
         states.update(merge_rows(base, experts, WEIGHTS))
         table = score_state_dicts(states, base, tok, tmp, on_row=bar.stage("evaluate (lm-eval)", len(states)))
     check_experts(table)
@@ -123,12 +141,13 @@ def _build_into(tmp: Path, recipe: Recipe, show: bool) -> dict:
 
 
 def check_experts(table: Table) -> None:
-    """Raise ZooBuildError unless every expert beats the base on its own skill on both splits."""
+    """Raise ZooBuildError unless every expert (full and MLP-only) beats the base on its own skill on both
+    splits."""
     bad = [
-        f"{skill} on {split}: expert {table[skill][split][skill]:.3f} <= base {table['base'][split][skill]:.3f}"
-        for skill in EXPERTS
+        f"{name} on {split}: expert {table[name][split][skill]:.3f} <= base {table['base'][split][skill]:.3f}"
+        for name, skill in SKILL_OF.items()
         for split in ("search", "heldout")
-        if table[skill][split][skill] <= table["base"][split][skill]
+        if table[name][split][skill] <= table["base"][split][skill]
     ]
     if bad:
         raise ZooBuildError("zoo recipe is broken, an expert does not beat the base: " + "; ".join(bad))
@@ -144,7 +163,9 @@ def _manifest(recipe: Recipe, table: Table, base, seconds: float) -> dict:
             "rev_lengths": skills.REV_LENGTHS, "rev_base_lengths": skills.REV_BASE_LENGTHS,
             "base_hard_share": skills.BASE_HARD_SHARE, "kana_words": len(skills.kana_lexicon(recipe.seed)),
         },
-        "models": {name: name for name in ("base", *EXPERTS)},
+        "models": {name: name for name in MODELS},
+        "moe_experts": {name: {"skill": SKILL_OF[name], "trainable": "mlp.*", "lr": recipe.mlp_expert_lr}
+                        for name in MOE_EXPERTS},
         "parameters": sum(p.numel() for p in base.parameters()),
         "tasks": {"search": list(ZOO_TASKS), "heldout": list(ZOO_TASKS_HELDOUT)},
         "accuracy": {

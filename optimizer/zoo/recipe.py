@@ -28,6 +28,8 @@ class Recipe:
         expert_batch: examples per fine-tuning step.
         expert_steps, expert_lr: single-skill fine-tunes from the base (short, so the task vectors stay
             close to the base and merge; experts trained from an unrelated base do not merge at all).
+        mlp_expert_lr: the MLP-only fine-tunes (`MOE_EXPERTS`: same data and steps, only `mlp.*` trained);
+            fewer trainable weights need a higher rate to learn as much.
     """
 
     seed: int = 0
@@ -38,6 +40,7 @@ class Recipe:
     expert_batch: int = 32
     expert_steps: int = 150
     expert_lr: float = 1e-3
+    mlp_expert_lr: float = 3e-3
 
 
 RECIPE = Recipe()
@@ -76,7 +79,7 @@ def pretrain_base(tok, exclude: set[str], recipe: Recipe = RECIPE, on_step: Prog
 
 
 def finetune_expert(base, tok, skill: str, exclude: set[str], recipe: Recipe = RECIPE,
-                    on_step: Progress | None = None):
+                    on_step: Progress | None = None, *, mlp_only: bool = False):
     """A copy of `base` fine-tuned on `skill` alone (answer-only loss).
 
     Args:
@@ -86,9 +89,16 @@ def finetune_expert(base, tok, skill: str, exclude: set[str], recipe: Recipe = R
         exclude: keys of evaluation items.
         recipe: hyper-parameters.
         on_step: progress callback.
+        mlp_only: train only `mlp.*` (at `recipe.mlp_expert_lr`); every other tensor stays the base's, bit
+            for bit. The data are the full expert's (a fresh generator of the same seeded stream).
     """
     model = copy.deepcopy(base)
+    if mlp_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(".mlp." in name)
     stream = _skill_stream(tok, skill, recipe, exclude, skill)
     data = batches([Source(recipe.expert_batch, stream)], tok.pad_token_id)
-    train(model, data, steps=recipe.expert_steps, lr=recipe.expert_lr, warmup=0, on_step=on_step)
+    lr = recipe.mlp_expert_lr if mlp_only else recipe.expert_lr
+    train(model, data, steps=recipe.expert_steps, lr=lr, warmup=0, on_step=on_step)
+    model.requires_grad_(True)
     return model

@@ -106,14 +106,15 @@ def train(
     """Train in place with AdamW and a warmup + cosine schedule; returns the mean loss of the last 20 steps.
 
     Args:
-        model: model to train (in place).
+        model: model to train (in place); only parameters with `requires_grad` are updated.
         data: batches from `batches`.
         steps: optimiser steps.
         lr: peak learning rate.
         warmup: linear warmup steps.
         on_step: called as on_step(step, loss) after each step (progress display).
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen tensors stay bit-exact
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -127,7 +128,7 @@ def train(
         loss = batch_loss(model, next(data))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         recent = (recent + [loss.item()])[-20:]

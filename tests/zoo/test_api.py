@@ -23,6 +23,10 @@ def test_zoo_dir_defaults_and_overrides(monkeypatch, tmp_path):
 
 def test_constants():
     assert zoo.EXPERTS == ("add", "rev", "kana")
+    assert zoo.MOE_EXPERTS == ("add_mlp", "rev_mlp", "kana_mlp")
+    assert zoo.MODELS == ("base", *zoo.EXPERTS, *zoo.MOE_EXPERTS)
+    assert zoo.SKILL_OF == {"add": "add", "rev": "rev", "kana": "kana",
+                            "add_mlp": "add", "rev_mlp": "rev", "kana_mlp": "kana"}
     assert zoo.ZOO_TASKS == ("zoo_add", "zoo_rev", "zoo_kana")
     assert (zoo.TASKS_DIR / "zoo_data.py").is_file()
     for name in (*zoo.ZOO_TASKS, *zoo.ZOO_TASKS_HELDOUT):
@@ -40,6 +44,8 @@ def test_resolve_model_ref_uses_existing_zoo(monkeypatch, tmp_path):
     (tmp_path / zoo.MANIFEST).write_text(json.dumps({"recipe_version": zoo.RECIPE_VERSION}))
     monkeypatch.setenv("MERGE_OPTIMIZER_ZOO", str(tmp_path))
     assert zoo.resolve_model_ref("zoo://kana") == str(tmp_path / "kana")
+    for name in zoo.MOE_EXPERTS:
+        assert zoo.resolve_model_ref(f"zoo://{name}") == str(tmp_path / name)
 
 
 def test_is_built_checks_recipe_version(tmp_path):
@@ -74,11 +80,15 @@ def test_check_experts_raises_with_reason():
     from optimizer.zoo.build import ZooBuildError, check_experts
 
     row = {"add": 0.5, "rev": 0.5, "kana": 0.5}
-    table = {name: {"search": dict(row), "heldout": dict(row)} for name in ("base", *zoo.EXPERTS)}
-    for skill in zoo.EXPERTS:
+    table = {name: {"search": dict(row), "heldout": dict(row)} for name in zoo.MODELS}
+    for name, skill in zoo.SKILL_OF.items():
         for split in ("search", "heldout"):
-            table[skill][split][skill] = 0.9
+            table[name][split][skill] = 0.9
     check_experts(table)
     table["rev"]["heldout"]["rev"] = 0.4
     with pytest.raises(ZooBuildError, match="rev on heldout"):
+        check_experts(table)
+    table["rev"]["heldout"]["rev"] = 0.9
+    table["kana_mlp"]["search"]["kana"] = 0.5
+    with pytest.raises(ZooBuildError, match="kana_mlp on search"):
         check_experts(table)

@@ -1,4 +1,5 @@
-"""The built zoo: folders, manifest, experts beat the base, and the lm-eval tasks on both splits."""
+"""The built zoo: folders, manifest, experts beat the base, MLP-only experts touch only MLPs, and the lm-eval
+tasks on both splits."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import time
 
 import pytest
 
-from optimizer.zoo import EXPERTS, MODELS, TASKS_DIR, ZOO_TASKS, ZOO_TASKS_HELDOUT, resolve_model_ref
+from optimizer.zoo import (
+    EXPERTS,
+    MODELS,
+    MOE_EXPERTS,
+    SKILL_OF,
+    TASKS_DIR,
+    ZOO_TASKS,
+    ZOO_TASKS_HELDOUT,
+    resolve_model_ref,
+)
 
 
 def test_folders_are_plain_hf_checkpoints(zoo_root):
@@ -29,10 +39,30 @@ def test_models_load(zoo_root):
 
 
 @pytest.mark.parametrize("split", ["search", "heldout"])
-@pytest.mark.parametrize("skill", EXPERTS)
-def test_expert_beats_base_on_own_skill(zoo_manifest, skill, split):
-    acc = zoo_manifest["accuracy"][split]
-    assert acc[skill][skill] > acc["base"][skill]
+@pytest.mark.parametrize("name", [*EXPERTS, *MOE_EXPERTS])
+def test_expert_beats_base_on_own_skill(zoo_manifest, name, split):
+    acc, skill = zoo_manifest["accuracy"][split], SKILL_OF[name]
+    assert acc[name][skill] > acc["base"][skill]
+
+
+def test_manifest_lists_every_model(zoo_manifest):
+    assert list(zoo_manifest["models"]) == list(MODELS)
+    assert {n: e["skill"] for n, e in zoo_manifest["moe_experts"].items()} == {n: SKILL_OF[n] for n in MOE_EXPERTS}
+
+
+@pytest.mark.parametrize("name", MOE_EXPERTS)
+def test_mlp_expert_differs_from_base_only_in_mlps(zoo_root, name):
+    from safetensors.torch import load_file
+
+    base = load_file(zoo_root / "base" / "model.safetensors")
+    expert = load_file(zoo_root / name / "model.safetensors")
+    assert base.keys() == expert.keys()
+    changed = {k for k in base if not _same_bits(base[k], expert[k])}
+    assert changed == {k for k in base if ".mlp." in k}  # every MLP trained; all else the base's, bit for bit
+
+
+def _same_bits(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
 
 
 def test_uniform_merge_beats_every_expert(zoo_manifest):
