@@ -81,6 +81,12 @@ def resolve_model_ref(ref: str) -> str:
         from optimizer import UserError
 
         raise UserError(f"unknown zoo model {ref!r}; the zoo has {', '.join(SCHEME + m for m in MODELS)}")
+    if not is_built(zoo_dir()):  # first use: say why nothing else happens for a few minutes
+        import sys
+
+        print(f"building the demo zoo in {zoo_dir()} (first use only, ~3 min on 2 CPU cores) ...",
+              file=sys.stderr, flush=True)
+        return str(ensure_zoo(progress=True) / name)
     return str(ensure_zoo() / name)
 
 
