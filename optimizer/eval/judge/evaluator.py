@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from optimizer.eval.judge.bench import Question, load_questions, split_questions
 from optimizer.eval.judge.cache import JudgmentCache, judgment_key
 from optimizer.eval.judge.clients import AnthropicJudge, OpenAIJudge
 from optimizer.eval.judge.config import (
+    GenerationFields,
     JudgeConfig,
     MtBenchConfig,
     check_judge_config,
@@ -147,9 +149,8 @@ class MtBenchEvaluator:
             self.validate()
         questions = self._split(split)
         t0 = time.perf_counter()
-        settings = GenSettings(self.cfg.max_new_tokens, self.cfg.batch_size, self.cfg.temperature,
-                               dict(self.cfg.category_temperature), list(self.cfg.stop), self.cfg.conv_template,
-                               self.cfg.system_prompt, self.seed)
+        shared = {f.name: getattr(self.cfg, f.name) for f in fields(GenerationFields)}
+        settings = GenSettings(**shared, seed=self.seed)
         answers = generate_answers(model, tokenizer, questions, settings)
         t1 = time.perf_counter()
         runner = self._runner()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,21 +11,15 @@ from transformers import GenerationConfig
 
 from optimizer.eval.judge.bench import MAX_TURNS, Question
 from optimizer.eval.judge.chat import render_chat
+from optimizer.eval.judge.config import GenerationFields
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GenSettings:
-    """How answers are generated (see MtBenchConfig for the meaning of each field)."""
+class GenSettings(GenerationFields):
+    """How answers are generated (see MtBenchConfig for the meaning of each field), plus the sampling seed."""
 
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    temperature: float = 0.0
-    category_temperature: dict[str, float] = field(default_factory=dict)
-    stop: list[str] = field(default_factory=list)
-    conv_template: str | None = None
-    system_prompt: str | None = None
     seed: int = 0
 
 
