@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from optimizer import UserError
+from optimizer.resources import CONF_DIR as PACKAGE_CONF_DIR
 
 # lm-eval and transformers draw a tqdm bar per evaluation (thousands of lines over a study); tqdm reads this at
 # import time, so it is set before anything imports it. TQDM_DISABLE=0 in the environment brings them back.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(PACKAGE_CONF_DIR)
 
 
 def fail(msg: str) -> None:

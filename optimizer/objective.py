@@ -37,7 +37,7 @@ class Objective:
 
     @classmethod
     def from_config(cls, node: Any, evaluator: Any) -> Objective:
-        default = dict(getattr(evaluator, "weights", None) or {})
+        default = dict(evaluator.weights)
         if node is None:
             if not default:
                 raise UserError("the evaluator declares no task weights; set objective.objectives.")

@@ -47,9 +47,28 @@ class Scores:
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores a live model. Built once per run; `evaluate` is called once per trial (and for baselines)."""
+    """Scores a live model. Built once per run; `evaluate` is called once per trial (and for baselines).
+
+    Every member is required: the runner calls them directly (no probing), and
+    `tests/eval/test_evaluator_conformance.py` checks each registered evaluator against this list.
+
+    Attributes:
+        name: the registry name (`evaluator.name`).
+        weights: task name -> weight of the default objective (the weighted mean of the task scores).
+        chunk_size: items per chunk when per-item reports are asked for (`on_item`); 0 = the evaluator
+            reports no items, so a per-item pruner cannot be used with it.
+    """
 
     name: str
+
+    @property
+    def weights(self) -> dict[str, float]: ...
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    def splits(self) -> tuple[str, ...]:
+        """The splits this evaluator can score: ("search",) or ("search", "heldout")."""
 
     def validate(self) -> None:
         """Check the configuration (task names, keys, files) and raise UserError before any trial."""
@@ -60,3 +79,6 @@ class Evaluator(Protocol):
         `on_item(task, index, score)` may be called per scored item so a pruner can stop early; it may
         raise optuna.TrialPruned.
         """
+
+    def close(self) -> None:
+        """Release what the evaluator holds (servers, caches, threads); called once when the run ends."""

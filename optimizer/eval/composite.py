@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from optimizer import UserError
 from optimizer.eval import build_evaluator, register_evaluator
-from optimizer.eval.base import SEARCH, Scores
+from optimizer.eval.base import SPLITS, Scores
 
 
 class CompositeEvaluator:
@@ -38,14 +38,22 @@ class CompositeEvaluator:
     def weights(self) -> dict[str, float]:
         out = {}
         for p, ev in self.parts.items():
-            inner = dict(getattr(ev, "weights", None) or {})
+            inner = dict(ev.weights)
             total = sum(inner.values()) or 1.0
             out.update({f"{p}/{t}": self.part_weights[p] * w / total for t, w in inner.items()})
         return out
 
     def splits(self) -> tuple[str, ...]:
-        per = [set(getattr(ev, "splits", lambda: (SEARCH,))()) for ev in self.parts.values()]
-        return tuple(s for s in ("search", "heldout") if all(s in x for x in per))
+        per = [set(ev.splits()) for ev in self.parts.values()]
+        return tuple(s for s in SPLITS if all(s in x for x in per))
+
+    @property
+    def chunk_size(self) -> int:
+        return max(ev.chunk_size for ev in self.parts.values())
+
+    def close(self) -> None:
+        for ev in self.parts.values():
+            ev.close()
 
     def validate(self) -> None:
         for ev in self.parts.values():

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from optimizer import UserError
 from optimizer.eval import register_evaluator
 from optimizer.eval.base import HELDOUT, SEARCH, Scores
+from optimizer.resources import resolve_path
 
 
 @dataclass
@@ -72,15 +73,6 @@ def parse_config(node: Any) -> LmEvalConfig:
     return cfg
 
 
-def _resolve(path: str) -> Path:
-    """Relative include paths are tried from the working directory, then from the project root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    root = Path(__file__).resolve().parents[2] / p
-    return root if root.exists() else p
-
-
 class LmEvalEvaluator:
     """Scores the live model with lm-eval; the trial value is the weighted mean of the task metrics."""
 
@@ -98,14 +90,21 @@ class LmEvalEvaluator:
     def weights(self) -> dict[str, float]:
         return {t.name: t.weight for t in self.cfg.tasks}
 
+    @property
+    def chunk_size(self) -> int:
+        return self.cfg.chunk_size
+
     def splits(self) -> tuple[str, ...]:
         return (SEARCH, HELDOUT) if all(t.heldout_split for t in self.cfg.tasks) else (SEARCH,)
+
+    def close(self) -> None:
+        """Nothing to release: the wrapped model belongs to the run."""
 
     def _task_manager(self) -> Any:
         if self._manager is None:
             from lm_eval.tasks import TaskManager
 
-            paths = [str(_resolve(p)) for p in self.cfg.include_path]
+            paths = [str(resolve_path(p)) for p in self.cfg.include_path]
             for p in paths:
                 if not Path(p).is_dir():
                     raise UserError(f"evaluator.include_path entry {p!r} is not a folder of lm-eval task YAMLs.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -10,6 +11,18 @@ from optimizer.merge.registry import METHODS, MergeMethod
 from optimizer.merge.sparsify import seed_for
 from optimizer.models import Resident
 from optimizer.plan import MergePlan, constant
+
+
+@runtime_checkable
+class PlanApplier(Protocol):
+    """What the session needs from an applier: write a plan into the live model in place.
+
+    Implemented by `Applier` (dense models) and `optimizer.moe.search.MoeApplier` (frankenMoE slots);
+    `tests/merge/test_applier_conformance.py` checks both.
+    """
+
+    def apply(self, plan: MergePlan, *, seed: int = 0, trial: int = 0) -> None:
+        """Overwrite the live model's merged tensors with the plan's result (same seed, trial -> same bits)."""
 
 
 class Applier:

@@ -13,7 +13,7 @@ from optimizer import UserError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optimizer.moe", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="MoE recipe YAML (mergekit-moe schema, e.g. conf/moe/demo.yaml)")
+    parser.add_argument("recipe", help="MoE recipe YAML (mergekit-moe schema, e.g. optimizer/conf/moe/demo.yaml)")
     parser.add_argument("out_dir", help="folder to write the Mixtral model, tokenizer and moe.yaml into")
     parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:1, mps ...")
     args = parser.parse_args(argv)

@@ -122,7 +122,7 @@ def load_moe_config(source: str | Path | Mapping[str, Any] | Any) -> MoeConfig:
         return from_dict(source)
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"MoE recipe {str(path)!r} does not exist; pass a YAML file such as conf/moe/demo.yaml.")
+        raise UserError(f"MoE recipe {str(path)!r} does not exist; pass a YAML file such as optimizer/conf/moe/demo.yaml.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

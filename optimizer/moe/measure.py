@@ -1,4 +1,4 @@
-"""`python -m optimizer.moe.measure [conf/moe/demo.yaml]`: the issue-4 table on the demo zoo.
+"""`python -m optimizer.moe.measure [optimizer/conf/moe/demo.yaml]`: the issue-4 table on the demo zoo.
 
 Rows: base, each expert (dense), and the MoE with oracle routing (each task's tokens forced to its own
 expert: the ceiling), gate init only, gate init + calibration, and shared=merge + calibration. Columns: the
@@ -100,7 +100,7 @@ def table(rows: dict[str, dict[str, float]], info: dict[str, Any], skills: list[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optimizer.moe.measure", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", nargs="?", default="conf/moe/demo.yaml")
+    parser.add_argument("recipe", nargs="?", default="optimizer/conf/moe/demo.yaml")
     parser.add_argument("--split", default="heldout")
     parser.add_argument("--out", default=None, help="also write the table (markdown) and details (JSON) here")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ MODELS = ("base", *EXPERTS, *MOE_EXPERTS)
 ZOO_TASKS = ("zoo_add", "zoo_rev", "zoo_kana")
 # Same tasks on the held-out split (lm-eval 0.4.13 cannot override test_split of a registered task).
 ZOO_TASKS_HELDOUT = ("zoo_add_heldout", "zoo_rev_heldout", "zoo_kana_heldout")
-TASKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MANIFEST = "zoo.json"
 SCHEME = "zoo://"
 

@@ -6,6 +6,7 @@ import pytest
 
 from optimizer import UserError
 from optimizer.moe.config import load_moe_config
+from optimizer.resources import CONF_DIR
 
 P = {"a": ["12+35=47"], "b": ["rev:abc>cba"], "c": ["UP:cat>CAT"]}
 
@@ -79,11 +80,10 @@ def test_missing_file_and_bad_yaml(tmp_path) -> None:
 
 
 def test_demo_recipe_and_hydra_node_parse() -> None:
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    path = Path(__file__).resolve().parents[2] / "conf" / "moe" / "demo.yaml"
+    path = CONF_DIR / "moe" / "demo.yaml"
     cfg = load_moe_config(path)
     assert cfg.expert_names == ["add", "rev", "kana"] and cfg.calibrate.steps > 0
     assert load_moe_config(OmegaConf.load(path)) == cfg

@@ -62,7 +62,7 @@ def load_questions(path: Path) -> list[Question]:
     """
     if not path.is_file():
         raise UserError(f"Bench file {path} not found. Point evaluator.bench_dir at a folder holding "
-                        "question.jsonl (FastChat format), e.g. benchmarks/mt_bench/en or benchmarks/mt_bench/ja.")
+                        "question.jsonl (FastChat format), e.g. optimizer/data/mt_bench/en or optimizer/data/mt_bench/ja.")
     questions, seen = [], set()
     for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if raw.strip():

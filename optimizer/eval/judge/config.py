@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -18,8 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 from optimizer import UserError
 
 JUDGE_KINDS = ("openai", "anthropic", "local")
-# The project root, for resolving the shipped bench when the command runs from another directory.
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -72,7 +69,7 @@ class MtBenchConfig(GenerationFields):
     """
 
     name: str = "mt_bench"
-    bench_dir: str = "benchmarks/mt_bench/en"
+    bench_dir: str = "data/mt_bench/en"
     judge_prompts: str | None = None
     prompts: PromptNames = field(default_factory=PromptNames)
     heldout_share: float = 0.25
@@ -190,11 +187,3 @@ def check_mtbench_config(cfg: MtBenchConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(f"{msg}; fix it in conf/evaluator/mt_bench.yaml or on the command line.")
-
-
-def resolve_path(path: str) -> Path:
-    """A user path: absolute, else relative to the working directory, else to the project root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return PROJECT_ROOT / p if (PROJECT_ROOT / p).exists() else p

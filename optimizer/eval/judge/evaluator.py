@@ -31,7 +31,6 @@ from optimizer.eval.judge.config import (
     check_judge_config,
     check_mtbench_config,
     parse_node,
-    resolve_path,
 )
 from optimizer.eval.judge.generate import GenSettings, generate_answers
 from optimizer.eval.judge.judging import JudgeRequest, JudgeRunner
@@ -39,6 +38,7 @@ from optimizer.eval.judge.language import expected_script, language_mismatch
 from optimizer.eval.judge.local_judge import LocalJudge, check_local_model
 from optimizer.eval.judge.prompts import JudgePrompt, load_judge_prompts, prompt_for, render, select_prompts
 from optimizer.eval.judge.scoring import TASK, Judgment, penalised, question_score, summarise
+from optimizer.resources import resolve_path
 
 log = logging.getLogger(__name__)
 CACHE_FILE = ".judge_cache.sqlite"
@@ -76,6 +76,11 @@ class MtBenchEvaluator:
     def weights(self) -> dict[str, float]:
         """Task weights of the default objective: the one MT-Bench score."""
         return {TASK: 1.0}
+
+    @property
+    def chunk_size(self) -> int:
+        """Judged questions are scored together; no per-item reports (per-item pruners are refused)."""
+        return 0
 
     def splits(self) -> tuple[str, ...]:
         """The splits this bench can score ("heldout" only when part of it is held out)."""

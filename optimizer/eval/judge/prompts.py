@@ -57,7 +57,7 @@ def load_judge_prompts(path: Path) -> dict[str, JudgePrompt]:
     """
     if not path.is_file():
         raise UserError(f"Judge prompt file {path} not found. Set evaluator.judge_prompts to a FastChat-format "
-                        "judge_prompts.jsonl, e.g. benchmarks/mt_bench/judge_prompts.jsonl.")
+                        "judge_prompts.jsonl, e.g. data/mt_bench/judge_prompts.jsonl.")
     prompts: dict[str, JudgePrompt] = {}
     for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not raw.strip():

@@ -8,14 +8,9 @@ built with `--out`, otherwise `optimizer.zoo.zoo_dir()` is used.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-try:
-    from optimizer import zoo as _zoo
-except ImportError:  # lm-eval started outside the repo with the package not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from optimizer import zoo as _zoo
+from optimizer import zoo as _zoo
 
 SPLITS = ("search", "heldout")
 

@@ -181,6 +181,6 @@ def judge_cfg(server: FakeJudgeServer, **kw) -> JudgeConfig:
 
 
 def bench_cfg(tmp_path, **kw) -> MtBenchConfig:
-    base = dict(bench_dir="benchmarks/mt_bench/en", max_new_tokens=6, batch_size=8,
+    base = dict(bench_dir="data/mt_bench/en", max_new_tokens=6, batch_size=8,
                 cache_path=str(tmp_path / "runs" / ".judge_cache.sqlite"))
     return MtBenchConfig(**{**base, **kw})

@@ -6,11 +6,12 @@ import pytest
 
 from optimizer import UserError
 from optimizer.eval.judge.bench import load_questions, split_questions
-from optimizer.eval.judge.config import PROJECT_ROOT, PromptNames
+from optimizer.eval.judge.config import PromptNames
 from optimizer.eval.judge.language import detect_script
 from optimizer.eval.judge.prompts import load_judge_prompts, prompt_for, render, select_prompts
+from optimizer.resources import DATA_DIR
 
-BENCH = PROJECT_ROOT / "benchmarks" / "mt_bench"
+BENCH = DATA_DIR / "mt_bench"
 
 
 @pytest.mark.parametrize("lang,script", [("en", "latin"), ("ja", "ja")])

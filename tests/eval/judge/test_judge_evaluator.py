@@ -8,7 +8,7 @@ from judge_fakes import KEY_ENV
 
 import optimizer.eval.judge.evaluator as evaluator_mod
 from optimizer.eval.base import EvaluationFailed, Scores
-from optimizer.eval.judge.config import PROJECT_ROOT
+from optimizer.resources import DATA_DIR
 
 
 def split_rating(user: str) -> str:
@@ -55,7 +55,7 @@ def test_faults_are_survived_and_garbage_excluded(tiny_lm, openai_server, judge_
     model, tok = tiny_lm
     openai_server.faults.extend(["429:ms", "500", "slow", "503"])
     ev = make_evaluator(openai_server, limit=8, heldout_share=0.0)
-    q_text = json.loads((PROJECT_ROOT / "benchmarks/mt_bench/en/question.jsonl").read_text().splitlines()[0])["turns"][0]
+    q_text = json.loads((DATA_DIR / "mt_bench/en/question.jsonl").read_text().splitlines()[0])["turns"][0]
     openai_server.fault_for = lambda user: "garbage" if q_text in user else None  # both turns of question 1
     s = ev.evaluate(model, tok, "search")
     assert s.info["judge_failures"] == 2 and s.info["judge_retries"] >= 4 and s.info["judge_new"] == 16  # garbage is paid for too
@@ -84,7 +84,7 @@ def test_language_penalty(tiny_lm, openai_server, judge_key, make_evaluator, mon
     model, tok = tiny_lm
     monkeypatch.setattr(evaluator_mod, "generate_answers",
                         lambda m, t, qs, s: [["I will answer in English."] * len(q.turns) for q in qs])
-    ev = make_evaluator(openai_server, bench_dir="benchmarks/mt_bench/ja", limit=3, heldout_share=0.0,
+    ev = make_evaluator(openai_server, bench_dir="data/mt_bench/ja", limit=3, heldout_share=0.0,
                         language_penalty=0.5)
     s = ev.evaluate(model, tok, "search")
     assert s.tasks["mt_bench"] == pytest.approx(0.35) and s.metrics["mt_bench/language_mismatch_share"] == 1.0

@@ -7,10 +7,11 @@ from omegaconf import OmegaConf
 
 from optimizer import UserError
 from optimizer.eval import build_evaluator
-from optimizer.eval.judge.config import PROJECT_ROOT, JudgeConfig, MtBenchConfig, parse_node
+from optimizer.eval.judge.config import JudgeConfig, MtBenchConfig, parse_node
 from optimizer.eval.judge.evaluator import MtBenchEvaluator
+from optimizer.resources import CONF_DIR
 
-CONF = PROJECT_ROOT / "conf"
+CONF = CONF_DIR
 
 
 def _context(tmp_path, judge_yaml="openai", **judge_over):
