@@ -7,11 +7,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from optimizer.checkpoint import locate
+from optimizer.eval.base import Scores
 from optimizer.plan import MergePlan
+from optimizer.session import Session
 
 
 def artifact_store(run_dir: Path) -> FileSystemArtifactStore:
@@ -20,7 +23,7 @@ def artifact_store(run_dir: Path) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(base_path=str(path))
 
 
-def recipe_doc(s: Any, plan: MergePlan, trial: int | None = None) -> dict[str, Any]:
+def recipe_doc(s: Session, plan: MergePlan, trial: int | None = None) -> dict[str, Any]:
     """The plan as a mergekit YAML document, with model references mergekit can open.
 
     What mergekit cannot state goes under the `merge_optimizer` key (ignored by mergekit), so that
@@ -93,7 +96,7 @@ _MIME = {".yaml": "text/yaml", ".json": "application/json", ".jsonl": "text/plai
          ".md": "text/markdown", ".csv": "text/csv"}
 
 
-def attach(store: FileSystemArtifactStore, trial: Any, plan: MergePlan, scores: Any, s: Any,
+def attach(store: FileSystemArtifactStore, trial: optuna.Trial, plan: MergePlan, scores: Scores | None, s: Session,
            extra: dict[str, str] | None = None) -> None:
     """Upload recipe.yaml, plan.json, scores.json and the evaluator's files to the trial (dashboard-visible).
 

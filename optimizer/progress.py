@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import optuna
 from optuna.trial import TrialState
+from rich.console import Console
+
+from optimizer.session import Session
 
 
 class Progress:
     """An Optuna callback printing one line per finished trial; stops the study after repeated failures."""
 
-    def __init__(self, session: Any, total: int, console: Any):
+    def __init__(self, session: Session, total: int, console: Console):
         self.session = session
         self.total = total
         self.console = console

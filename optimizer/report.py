@@ -106,7 +106,7 @@ def plot_history(study: optuna.Study, path: Path) -> bool:
 
 
 def report(cfg: Any) -> int:
-    from optimizer.runner import console
+    from optimizer.session import console
     from optimizer.study import build_storage, existing_study, storage_url
 
     run_dir = Path(cfg.run_root) / cfg.study_name

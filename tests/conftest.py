@@ -92,6 +92,13 @@ class ToyEvaluator:
     def splits(self):
         return (SEARCH, HELDOUT)
 
+    @property
+    def chunk_size(self):
+        return self.cfg.get("chunk_size", 10)
+
+    def close(self):
+        pass
+
     def _target(self, layer):
         from safetensors.torch import load_file
 
@@ -110,12 +117,12 @@ class ToyEvaluator:
         off = 0.001 if split == HELDOUT else 0.0
         tasks, items = {}, {}
         for i in (0, 1):
-            w = params[self.NAME.format(i)].detach().double()
+            w = params[self.NAME.format(i)].detach().double().cpu()  # the live model may be on a GPU
             err = (w - self._target(i)).abs().flatten()[:60]
             items[f"l{i}"] = [1.0 - 10 * float(e) - off for e in err]
             tasks[f"l{i}"] = 1.0 - float(((w - self._target(i)) ** 2).mean().sqrt()) * 10 - off
         if on_item is not None:  # per-item reports in chunks, interleaving the tasks like lm-eval's chunks
-            chunk = self.cfg.get("chunk_size", 10)
+            chunk = self.chunk_size
             for start in range(0, 60, chunk):
                 for t in ("l0", "l1"):
                     for j, v in enumerate(items[t][start:start + chunk]):
@@ -136,11 +143,16 @@ class LmToyEvaluator:
     def __init__(self, cfg, context):
         self.cfg, self.context, self.weights = cfg, context, {"fit": 1.0}
 
+    chunk_size = 0
+
     def validate(self):
         pass
 
     def splits(self):
         return (SEARCH, HELDOUT)
+
+    def close(self):
+        pass
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer, split, *, on_item=None):

@@ -120,7 +120,7 @@ def test_trial_artifacts_are_stored(tiny_models, tmp_path):
 
 
 def test_export_cli_reexports_a_chosen_trial(tiny_models, tmp_path):
-    from optimizer.export_cli import export
+    from optimizer.export.cli import export
 
     cfg = make_cfg(tiny_models, tmp_path, n_trials=3)
     run(cfg)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import (
+import optimizer.zoo.skills as skills
+
+from .layout import (
     EXPERTS,
     MANIFEST,
     MODELS,
@@ -25,7 +27,6 @@ from . import (
     ZOO_TASKS,
     ZOO_TASKS_HELDOUT,
     is_built,
-    skills,
 )
 from .mergeability import WEIGHTS, Table, mean, merge_rows, score_state_dicts
 from .progress import BuildProgress

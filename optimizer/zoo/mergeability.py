@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from . import EXPERTS
 from .evaluate import ZooScorer
+from .layout import EXPERTS
 
 WEIGHTS = (0.5, 0.7, 1.0)
 Table = dict[str, dict[str, dict[str, float]]]  # row -> split -> skill -> acc

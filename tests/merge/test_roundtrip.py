@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from optimizer.config import MergeConfig, ModelsConfig
-from optimizer.export_cli import export
+from optimizer.export.cli import export
 from optimizer.merge.apply import Applier
 from optimizer.merge.registry import METHODS
 from optimizer.merge.run_recipe import merge_recipe

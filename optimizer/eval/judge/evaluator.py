@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+import optimizer.eval.judge.audit as audit
 from optimizer import UserError
 from optimizer.eval import register_evaluator
 from optimizer.eval.base import HELDOUT, SEARCH, SPLITS, EvaluationFailed, Scores
-from optimizer.eval.judge import audit
 from optimizer.eval.judge.bench import Question, load_questions, split_questions
 from optimizer.eval.judge.cache import JudgmentCache, judgment_key
 from optimizer.eval.judge.clients import AnthropicJudge, OpenAIJudge

@@ -15,8 +15,8 @@ from optimizer import UserError
 
 
 def export(cfg: Any) -> int:
-    from optimizer.export import export_best
-    from optimizer.runner import console, load, prepare
+    from optimizer.export.write import export_best
+    from optimizer.session import console, load, prepare
     from optimizer.study import build_storage, existing_study, storage_url
 
     run_dir = Path(cfg.run_root) / cfg.study_name

@@ -9,13 +9,10 @@ from typing import Any
 
 import optuna
 
-from optimizer.eval.base import HELDOUT, SEARCH
+from optimizer.eval.base import HELDOUT, SEARCH, Scores
+from optimizer.session import Session, score, score_single
 
 COMPLETE = (optuna.trial.TrialState.COMPLETE,)
-
-
-def splits(s: Any) -> tuple[str, ...]:
-    return tuple(s.evaluator.splits()) if hasattr(s.evaluator, "splits") else (SEARCH,)
 
 
 def value_of(trial: optuna.trial.FrozenTrial) -> Any:
@@ -23,18 +20,17 @@ def value_of(trial: optuna.trial.FrozenTrial) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def entry(s: Any, scores: Any) -> dict[str, Any]:
+def entry(s: Session, scores: Scores) -> dict[str, Any]:
     return {"tasks": scores.tasks, "objective": s.objective.value(scores)}
 
 
-def evaluate_trial(s: Any, trial: optuna.trial.FrozenTrial, split: str, seed: int | None = None) -> dict[str, Any]:
+def evaluate_trial(s: Session, trial: optuna.trial.FrozenTrial, split: str,
+                   seed: int | None = None) -> dict[str, Any]:
     """Re-materialise a trial's merge (same seeds unless `seed` is given) and score it on `split`."""
-    seed = s.cfg.seed if seed is None else seed
-    s.applier.apply(s.space.plan(trial.params), seed=seed, trial=trial.number)
-    return entry(s, s.evaluator.evaluate(s.live, s.tokenizer, split))
+    return entry(s, score(s, s.space.plan(trial.params), split, trial=trial.number, seed=seed))
 
 
-def heldout_of(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+def heldout_of(s: Session, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """A trial's held-out score, evaluated once and cached on the study."""
     cached: dict[str, Any] = dict(study.user_attrs.get("heldout", {}))
     key = str(trial.number)
@@ -44,19 +40,15 @@ def heldout_of(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> 
     return cached[key]
 
 
-def reference_scores(s: Any, study: optuna.Study) -> dict[str, dict[str, Any]]:
+def reference_scores(s: Session, study: optuna.Study) -> dict[str, dict[str, Any]]:
     """The anchor (base or target) and each fine-tune alone, per split; cached on the study."""
-    from optimizer.runner import dense_reference
-
     cached: dict[str, Any] = dict(study.user_attrs.get("references", {}))
     anchor = "target" if s.cfg.models.target else "base"
     for idx, name in [(None, anchor), *enumerate(s.models.names)]:
-        for split in splits(s):
+        for split in s.splits:
             key = f"{name}/{split}"
             if key not in cached:
-                model, applier = dense_reference(s)
-                applier.apply_single(idx)
-                cached[key] = entry(s, s.evaluator.evaluate(model, s.tokenizer, split))
+                cached[key] = entry(s, score_single(s, idx, split))
     study.set_user_attr("references", cached)
     out: dict[str, dict[str, Any]] = {}
     for key, v in cached.items():
@@ -65,7 +57,7 @@ def reference_scores(s: Any, study: optuna.Study) -> dict[str, dict[str, Any]]:
     return out
 
 
-def baseline_scores(s: Any, study: optuna.Study) -> dict[str, dict[str, Any]]:
+def baseline_scores(s: Session, study: optuna.Study) -> dict[str, dict[str, Any]]:
     """Each completed baseline trial's search score and held-out score."""
     out: dict[str, dict[str, Any]] = {}
     for t in study.get_trials(deepcopy=False, states=COMPLETE):
@@ -73,12 +65,12 @@ def baseline_scores(s: Any, study: optuna.Study) -> dict[str, dict[str, Any]]:
         if not label or label in out:
             continue
         out[label] = {"trial": t.number, SEARCH: {"tasks": t.user_attrs.get("scores", {}), "objective": value_of(t)}}
-        if HELDOUT in splits(s):
+        if HELDOUT in s.splits:
             out[label][HELDOUT] = heldout_of(s, study, t)
     return out
 
 
-def heldout_table(s: Any, study: optuna.Study, k: int) -> list[dict[str, Any]]:
+def heldout_table(s: Session, study: optuna.Study, k: int) -> list[dict[str, Any]]:
     """Top-k trials by search score, re-evaluated on the held-out split, with both ranks and the gap.
 
     A large rank change or search-vs-held-out gap is the sign of a search that overfits its items.
@@ -94,23 +86,23 @@ def heldout_table(s: Any, study: optuna.Study, k: int) -> list[dict[str, Any]]:
     return rows
 
 
-def choose(s: Any, study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, list[dict[str, Any]]]:
+def choose(s: Session, study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, list[dict[str, Any]]]:
     """The trial to export: the best held-out score among the top-k by search score (when held-out exists)."""
     k = s.cfg.export.heldout_top_k
-    if not (s.cfg.export.heldout and HELDOUT in splits(s) and k > 0):
+    if not (s.cfg.export.heldout and HELDOUT in s.splits and k > 0):
         return study.best_trial, []
     table = heldout_table(s, study, k)
     best = min(table, key=lambda r: r["heldout_rank"])
     return next(t for t in study.get_trials(deepcopy=False) if t.number == best["trial"]), table
 
 
-def noise(s: Any, trial: optuna.trial.FrozenTrial, repeats: int) -> dict[str, Any]:
+def noise(s: Session, trial: optuna.trial.FrozenTrial, repeats: int) -> dict[str, Any]:
     """Evaluate a trial `repeats` times, re-drawing every seeded random choice of the merge.
 
     DARE/DELLA masks take a new seed each repeat; deterministic methods and evaluators give sd = 0, which is
     itself the answer: differences between trials are then not noise of the evaluation.
     """
-    split = HELDOUT if HELDOUT in splits(s) else SEARCH
+    split = HELDOUT if HELDOUT in s.splits else SEARCH
     values = [evaluate_trial(s, trial, split, seed=s.cfg.seed + 1000 * (r + 1))["objective"]
               for r in range(repeats)]
     mean = sum(values) / len(values)

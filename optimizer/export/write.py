@@ -12,10 +12,11 @@ import optuna
 
 from optimizer.artifacts import dump_recipe, recipe_doc
 from optimizer.eval.base import HELDOUT, SEARCH
-from optimizer.heldout import baseline_scores, choose, heldout_of, noise, reference_scores, splits, value_of
+from optimizer.export.heldout import baseline_scores, choose, heldout_of, noise, reference_scores, value_of
+from optimizer.session import Session, score
 
 
-def export_best(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None,
+def export_best(s: Session, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None,
                 dest: Path | None = None) -> Path:
     """Score references, baselines and the top-k on held-out, then write the chosen trial to `best/`."""
     table: list[dict[str, Any]] = []
@@ -24,12 +25,12 @@ def export_best(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial | N
     refs = reference_scores(s, study) if s.cfg.export.references else {}
     best = {"trial": trial.number, "params": trial.params, "chosen_by": HELDOUT if table else SEARCH,
             SEARCH: {"tasks": trial.user_attrs.get("scores", {}), "objective": value_of(trial)}}
-    if s.cfg.export.heldout and HELDOUT in splits(s):
+    if s.cfg.export.heldout and HELDOUT in s.splits:
         best[HELDOUT] = heldout_of(s, study, trial)
     if s.cfg.export.repeats > 1:
         best["noise"] = noise(s, trial, s.cfg.export.repeats)
     experts = {n: refs[n] for n in s.models.names if n in refs}
-    split = HELDOUT if HELDOUT in splits(s) else SEARCH
+    split = HELDOUT if HELDOUT in s.splits else SEARCH
     top_expert = max(experts, key=lambda n: experts[n][split]["objective"], default=None)
     report = {
         "study": s.cfg.study_name, "objective": [o.name for o in s.objective.specs], "best": best,
@@ -45,15 +46,14 @@ def export_best(s: Any, study: optuna.Study, trial: optuna.trial.FrozenTrial | N
     return out
 
 
-def export_pareto(s: Any, study: optuna.Study) -> Path:
+def export_pareto(s: Session, study: optuna.Study) -> Path:
     """Multi-objective studies: every Pareto-front trial to `pareto/trial_<n>/`, plus `pareto.json`."""
     root = s.run_dir / "pareto"
     rows = []
     for t in sorted(study.best_trials, key=lambda t: t.number):
         row = {"trial": t.number, SEARCH: {"values": t.values, "tasks": t.user_attrs.get("scores", {})}}
-        if HELDOUT in splits(s):
-            s.applier.apply(s.space.plan(t.params), seed=s.cfg.seed, trial=t.number)
-            scores = s.evaluator.evaluate(s.live, s.tokenizer, HELDOUT)
+        if HELDOUT in s.splits:
+            scores = score(s, s.space.plan(t.params), HELDOUT, trial=t.number)
             row[HELDOUT] = {"values": [o.value(scores) for o in s.objective.specs], "tasks": scores.tasks}
         write_trial(s, t, root / f"trial_{t.number}", row)
         rows.append(row)
@@ -63,7 +63,7 @@ def export_pareto(s: Any, study: optuna.Study) -> Path:
     return root
 
 
-def write_trial(s: Any, trial: optuna.trial.FrozenTrial, dest: Path, scores: dict[str, Any]) -> Path:
+def write_trial(s: Session, trial: optuna.trial.FrozenTrial, dest: Path, scores: dict[str, Any]) -> Path:
     """Re-materialise `trial` in the live model and save it with its recipe and scores."""
     plan = s.space.plan(trial.params)
     s.applier.apply(plan, seed=s.cfg.seed, trial=trial.number)
@@ -82,7 +82,7 @@ def is_current(dest: Path, study: optuna.Study) -> bool:
     return scores.get("n_trials_seen") == len(study.get_trials(deepcopy=False))
 
 
-def write_model_dir(s: Any, dest: Path, *, recipe: str, scores: dict[str, Any]) -> Path:
+def write_model_dir(s: Session, dest: Path, *, recipe: str, scores: dict[str, Any]) -> Path:
     """Save the live model + tokenizer + recipe + scores to `dest` via a temp dir and renames."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -103,9 +103,3 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     return "\n".join([",".join(cols), *(",".join(str(r[c]) for c in cols) for r in rows)]) + "\n"
 
-
-if __name__ == "__main__":
-    from optimizer.cli import hydra_entry
-    from optimizer.export_cli import export
-
-    hydra_entry(export)()

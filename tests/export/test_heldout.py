@@ -11,7 +11,7 @@ from optimizer.eval.base import Scores
 from optimizer.objective import Objective
 from optimizer.runner import run
 
-from .test_runner import load, make_cfg
+from ..test_runner import load, make_cfg
 
 
 def test_heldout_table_and_choice(tiny_models, tmp_path):
