@@ -1,6 +1,6 @@
 """Dataclass schemas of the run configuration, registered in Hydra's ConfigStore.
 
-Values live in `conf/**.yaml`; these classes give them types, so a typo'd key or a wrong type fails at
+Values live in `optimizer/conf/**.yaml`; these classes give them types, so a typo'd key or a wrong type fails at
 composition, before any model is loaded. Plug-in specific nodes (evaluator, judge, moe) are typed by their
 plug-ins and validated when the plug-in is built.
 """
@@ -133,12 +133,11 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas so `conf/config.yaml` can use `base_config` as its first default."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="models", name="base_models", node=ModelsConfig)
-    cs.store(group="merge", name="base_merge", node=MergeConfig)
-    cs.store(group="mode", name="base_mode", node=ModeConfig)
-    cs.store(group="sampler", name="base_sampler", node=SamplerConfig)
-    cs.store(group="storage", name="base_storage", node=StorageConfig)
-    cs.store(group="pruner", name="base_pruner", node=PrunerConfig)
+    """Register the root schema so `conf/config.yaml` can use `base_config` as its first default.
+
+    Only the root is registered: `Config` types every group node (`merge: MergeConfig`, ...), so a group
+    option's YAML is checked against its dataclass when it is merged in (a typo'd key fails at composition).
+    Registering per-group schema nodes as well (`merge/base_merge`, ...) would make them group options:
+    `--help` would list them and `merge=base_merge` would run.
+    """
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -52,3 +52,26 @@ def test_models_that_differ_name_the_tensor(tmp_path, tiny_models):
     r = cli(*tiny_args(tiny_models, tmp_path, s=other))
     assert r.returncode == 2
     assert "has no tensor 'model.layers.2." in r.stderr
+
+
+def test_help_lists_only_real_group_options():
+    r = cli("--help")
+    assert r.returncode == 0, r.stderr
+    groups = dict(line.split(": ", 1) for line in r.stdout.split("== Config ==")[0].splitlines() if ": " in line)
+    conf = ROOT / "optimizer" / "conf"
+    for group in ("models", "merge", "mode", "sampler", "storage", "pruner", "evaluator"):
+        assert groups[group].split(", ") == sorted(p.stem for p in (conf / group).glob("*.yaml")), group
+    assert "base_" not in r.stdout.split("== Config ==")[0]
+
+
+def test_schema_node_is_not_a_group_option(tmp_path):
+    r = cli("merge=base_merge", f"run_root={tmp_path}/runs")
+    assert r.returncode == 2 and "Could not find 'merge/base_merge'" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_group_option_from_config_dir_is_still_typed(tmp_path):
+    (tmp_path / "conf" / "merge").mkdir(parents=True)
+    (tmp_path / "conf" / "merge" / "mine.yaml").write_text("method: ties\nbogus_key: 1\n")
+    r = cli("--config-dir", str(tmp_path / "conf"), "merge=mine", f"run_root={tmp_path}/runs")
+    assert r.returncode == 2 and "Key 'bogus_key' not in 'MergeConfig'" in r.stderr
