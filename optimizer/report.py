@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 
 from optimizer import UserError
+from optimizer.plots import write_plots
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -64,7 +65,7 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["## Held-out re-evaluations", "", "| trial | held-out objective |", "|---|---|",
                   *[f"| {k} | {v['objective']:.4f} |" for k, v in sorted(ho.items(), key=lambda kv: int(kv[0]))], ""]
     if summary.get("importances"):
-        lines += ["## Parameter importances (fANOVA)", "", "| parameter | importance |", "|---|---|",
+        lines += ["## Parameter importances (PED-ANOVA, Optuna's default)", "", "| parameter | importance |", "|---|---|",
                   *[f"| {k} | {v:.3f} |" for k, v in summary["importances"].items()], ""]
     if summary.get("pareto_front"):
         lines += ["## Pareto front", "", *[f"- trial {r['trial']}: {r['values']}" for r in summary["pareto_front"]], ""]
@@ -73,36 +74,6 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["## Time per trial", "", f"merge {m:.3f} s, evaluation {e:.3f} s "
                   f"({100 * m / (m + e):.1f}% merging)", ""]
     return "\n".join(lines)
-
-
-def plot_history(study: optuna.Study, path: Path) -> bool:
-    """Objective per trial and best-so-far (PNG). Returns False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    if not done or len(study.directions) != 1:
-        return False
-    xs, ys = [t.number for t in done], [t.value for t in done]
-    best, run = [], None
-    for y in ys:
-        run = y if run is None else (max(run, y) if study.direction.name == "MAXIMIZE" else min(run, y))
-        best.append(run)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(xs, ys, s=12, label="trial")
-    ax.plot(xs, best, color="C1", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("objective (search split)")
-    ax.set_title(study.study_name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def report(cfg: Any) -> int:
@@ -118,10 +89,12 @@ def report(cfg: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(study)
     (out / "report.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    (out / "report.md").write_text(markdown(summary), encoding="utf-8")
-    plotted = plot_history(study, out / "history.png")
-    console.print(markdown(summary))
-    console.print(f"report written to {out}" + (" (with history.png)" if plotted else ""))
+    plots = write_plots(study, out, run_dir)
+    text = markdown(summary)
+    (out / "report.md").write_text("\n".join([text, *plots.markdown()]), encoding="utf-8")
+    console.print(text)
+    pictures = f" with {', '.join(plots.written)}" if plots.written else ""
+    console.print(f"report written to {out / 'report.md'}{pictures}")
     return 0
 
 
