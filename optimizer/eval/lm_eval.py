@@ -1,4 +1,5 @@
-"""lm-eval evaluator: one HFLM around the live model, task dicts built once per split, reused every trial."""
+"""lm-eval evaluator: one HFLM around the live model; each split's requests built once (engine.py), scored
+every trial, optionally in chunks with per-item reports for a pruner."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from optimizer import UserError
 from optimizer.eval import register_evaluator
+from optimizer.eval import search_metric as sm
 from optimizer.eval.base import HELDOUT, SEARCH, Scores
+from optimizer.eval.engine import Engine, PreparedTask, TaskRun, prepare_task, score
+from optimizer.eval.tasks import check_search_split, load_tasks, task_manager, with_overrides
 from optimizer.resources import resolve_path
 
 
@@ -34,6 +37,9 @@ class TaskSpec:
         search_split / heldout_split: the dataset split used for each purpose (None: the task's test split
             for search; no held-out score).
         num_fewshot, limit: as in lm-eval (limit: an item count, or a fraction when < 1).
+        search_metric: a continuous per-item value (`margin`, `prob`; see eval/search_metric.py) used as
+            this task's trial value on the search split instead of `metric`; None: the evaluator-wide
+            `search_metric`. The held-out split always reports `metric`.
     """
 
     name: str = "???"
@@ -43,6 +49,7 @@ class TaskSpec:
     heldout_split: str | None = None
     num_fewshot: int | None = None
     limit: float | None = None
+    search_metric: str | None = None
 
 
 @dataclass
@@ -57,6 +64,7 @@ class LmEvalConfig:
     chunk_size: int = 0  # >0: score items in chunks and report each item (per-item pruning)
     shuffle: bool = False  # item order (and the subset a `limit` takes) drawn from the study seed
     allow_test_split: bool = False
+    search_metric: str | None = None  # every task's default search metric (off: the task's metric)
 
 
 def parse_config(node: Any) -> LmEvalConfig:
@@ -74,17 +82,22 @@ def parse_config(node: Any) -> LmEvalConfig:
 
 
 class LmEvalEvaluator:
-    """Scores the live model with lm-eval; the trial value is the weighted mean of the task metrics."""
+    """Scores the live model with lm-eval; the trial value is the weighted mean of the task metrics.
+
+    Requests are built once per split (in `validate`, or at the first evaluation when a chat template
+    needs the LM) and only re-scored per trial; see optimizer/eval/engine.py.
+    """
 
     name = "lm_eval"
 
     def __init__(self, cfg: LmEvalConfig, context: dict[str, Any]):
         self.cfg = cfg
         self.context = context
-        self._lm = None
-        self._lm_model = None
-        self._task_dicts: dict[str, Any] = {}
         self._manager = None
+        self._tasks: dict[str, dict[str, Any]] = {}
+        self._prepared: dict[str, list[PreparedTask]] = {}
+        self._engine: Engine | None = None
+        self._engine_model = None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -100,19 +113,19 @@ class LmEvalEvaluator:
     def close(self) -> None:
         """Nothing to release: the wrapped model belongs to the run."""
 
+    def search_metric(self, spec: TaskSpec) -> str | None:
+        """The search metric of a task (its own, else the evaluator-wide one; None = its metric)."""
+        return spec.search_metric or self.cfg.search_metric
+
     def _task_manager(self) -> Any:
         if self._manager is None:
-            from lm_eval.tasks import TaskManager
-
             paths = [str(resolve_path(p)) for p in self.cfg.include_path]
-            for p in paths:
-                if not Path(p).is_dir():
-                    raise UserError(f"evaluator.include_path entry {p!r} is not a folder of lm-eval task YAMLs.")
-            self._manager = TaskManager(include_path=paths or None)
+            self._manager = task_manager(paths, [t.name for t in self.cfg.tasks])
         return self._manager
 
     def validate(self) -> None:
-        """Every task name must resolve in lm-eval's registry (or the include paths) before any trial."""
+        """Every task name must resolve in lm-eval's registry (or the include paths) before any trial; the
+        tasks are loaded and their requests built here, so the first trial costs what every trial costs."""
         manager = self._task_manager()
         known = set(manager.all_tasks)
         for t in self.cfg.tasks:
@@ -122,12 +135,20 @@ class LmEvalEvaluator:
                                 f"plus include_path {self.cfg.include_path}). Similar names: {close or 'none'}.")
         if not self.cfg.allow_test_split:
             for t in self.cfg.tasks:
-                check_search_split(manager, t)
+                check_search_split(manager, t.name, t.search_split)
         for split in self.splits():
-            self._tasks_for(split)
+            tasks = self.tasks_for(split)
+            if split == SEARCH:
+                for i, t in enumerate(self.cfg.tasks):
+                    if self.search_metric(t):
+                        where = f"evaluator.tasks[{i}].search_metric" if t.search_metric else "evaluator.search_metric"
+                        sm.check(self.search_metric(t), t.name, str(tasks[t.name].OUTPUT_TYPE), where)
+            if not self.cfg.apply_chat_template:  # a chat template needs the LM: built at the first evaluation
+                self._prepared_for(split, None)
 
-    def _tasks_for(self, split: str) -> Any:
-        if split not in self._task_dicts:
+    def tasks_for(self, split: str) -> dict[str, Any]:
+        """Task name -> the loaded lm-eval Task of `split` (loaded once)."""
+        if split not in self._tasks:
             specs = []
             for t in self.cfg.tasks:
                 spec: dict[str, Any] = {}
@@ -139,29 +160,13 @@ class LmEvalEvaluator:
                     spec["test_split"] = chosen
                 if t.num_fewshot is not None:
                     spec["num_fewshot"] = t.num_fewshot
-                specs.append(_with_overrides(self._task_manager(), t.name, spec))
-            try:
-                self._task_dicts[split] = self._task_manager().load(specs)
-            except Exception as e:
-                raise UserError(f"evaluator: lm-eval could not load the tasks for split {split!r} "
-                                f"({type(e).__name__}: {e}). If offline, the datasets must be in the local "
-                                "cache (HF_DATASETS_OFFLINE=1).") from None
-        return self._task_dicts[split]
-
-    def _wrap(self, model: Any, tokenizer: Any) -> Any:
-        # One HFLM for the whole study: in-place weight changes are seen by it, no re-wrapping needed.
-        if self._lm is None or self._lm_model is not model:
-            from lm_eval.models.huggingface import HFLM
-
-            logging.getLogger("lm_eval").setLevel(logging.ERROR)
-            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size,
-                            max_length=self.cfg.max_length)
-            self._lm_model = model
-        return self._lm
+                specs.append(with_overrides(self._task_manager(), t.name, spec))
+            self._tasks[split] = load_tasks(self._task_manager(), specs, f"split {split!r}")
+        return self._tasks[split]
 
     def item_indices(self, split: str) -> dict[str, list[int]]:
         """The items scored per task, in a fixed order (per-task `limit`, else the global one)."""
-        tasks = self._tasks_for(split)["tasks"]
+        tasks = self.tasks_for(split)
         out = {}
         for t in self.cfg.tasks:
             total = len(tasks[t.name].eval_docs)
@@ -174,109 +179,104 @@ class LmEvalEvaluator:
             out[t.name] = order
         return out
 
+    def _prepared_for(self, split: str, lm: Any) -> list[PreparedTask]:
+        if split not in self._prepared:
+            tasks, indices = self.tasks_for(split), self.item_indices(split)
+            with _quiet():
+                self._prepared[split] = [
+                    prepare_task(t.name, tasks[t.name], indices[t.name], lm=lm,
+                                 apply_chat_template=self.cfg.apply_chat_template)
+                    for t in self.cfg.tasks]
+        return self._prepared[split]
+
+    def _engine_for(self, model: Any, tokenizer: Any) -> Engine:
+        # One HFLM per live model: in-place weight changes are seen by it, no re-wrapping needed.
+        if self._engine is None or self._engine_model is not model:
+            from lm_eval.models.huggingface import HFLM
+
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size,
+                      max_length=self.cfg.max_length)
+            self._engine, self._engine_model = Engine(lm), model
+        return self._engine
+
     def evaluate(self, model: Any, tokenizer: Any, split: str, *, on_item: Callable | None = None) -> Scores:
-        lm = self._wrap(model, tokenizer)
         t0 = time.perf_counter()
-        indices = self.item_indices(split)
-        chunk = self.cfg.chunk_size if on_item is not None and self.cfg.chunk_size > 0 else 0
-        if not chunk:
-            out = self._run(lm, split, indices)
-            scores = Scores(tasks={}, info={})
-            for t in self.cfg.tasks:
-                res = out["results"][t.name]
-                key = _metric_key(res, t.metric, t.name)
-                scores.tasks[t.name] = float(res[key])
-                for k, v in res.items():
-                    if isinstance(v, (int, float)) and "," in k and "stderr" not in k:
-                        scores.metrics[f"{t.name}/{k.split(',')[0]}"] = float(v)
-                scores.items[t.name] = _item_values(out["samples"][t.name], key.split(",")[0], indices[t.name])
-        else:
-            scores = self._chunked(lm, split, indices, chunk, on_item)
+        engine = self._engine_for(model, tokenizer)
+        prepared = self._prepared_for(split, engine.lm)
+        chunk = self.cfg.chunk_size if on_item is not None and self.cfg.chunk_size > 0 else None
+        reported = {p.name: 0 for p in prepared}
+        specs = {t.name: t for t in self.cfg.tasks}
+
+        def report(run: TaskRun) -> None:  # per-item values as each chunk is scored; on_item may prune
+            for v in self._trial_items(specs[run.prepared.name], split, run):
+                on_item(run.prepared.name, reported[run.prepared.name], v)
+                reported[run.prepared.name] += 1
+
+        runs = score(engine, prepared, chunk, report if chunk else None)  # draws no progress bars
+        scores = self._scores(split, runs)
         scores.info["eval_seconds"] = time.perf_counter() - t0
         return scores
 
-    def _run(self, lm: Any, split: str, indices: dict[str, list[int]]) -> dict[str, Any]:
-        from lm_eval.evaluator import evaluate
+    def _trial_items(self, spec: TaskSpec, split: str, run: TaskRun) -> list[float]:
+        """Per-item values of what the trial is scored on: the search metric, else the task's metric."""
+        metric = self.search_metric(spec) if split == SEARCH else None
+        if metric:
+            return [sm.item_value(metric, run.prepared, it) for it in run.items]
+        return run.values(_metric_key(dict.fromkeys(run.keys(), 0.0), spec.metric, spec.name))
 
-        # lm-eval draws several tqdm bars per call (it passes disable=False, so TQDM_DISABLE has no effect):
-        # thousands of lines over a study. They go to a buffer, shown only if the evaluation fails.
-        quiet = os.environ.get("TQDM_DISABLE", "1") != "0"
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(buf) if quiet else contextlib.nullcontext():
-                return evaluate(lm, self._tasks_for(split), samples=indices, bootstrap_iters=0, log_samples=True,
-                                apply_chat_template=self.cfg.apply_chat_template, verbosity="ERROR")
-        except BaseException:
-            sys.stderr.write(buf.getvalue()[-5000:])
-            raise
-
-    def _chunked(self, lm: Any, split: str, indices: dict[str, list[int]], chunk: int,
-                 on_item: Callable) -> Scores:
-        """Score `chunk` items of every task at a time and report each, so a pruner can stop early.
-
-        Task scores are the mean of the per-item metric (exact for mean-aggregated metrics such as acc).
-        """
-        items: dict[str, list[float]] = {t.name: [] for t in self.cfg.tasks}
-        longest = max(len(v) for v in indices.values())
-        for start in range(0, longest, chunk):
-            part = {k: v[start:start + chunk] for k, v in indices.items() if v[start:start + chunk]}
-            out = self._run(lm, split, part)
-            for t in self.cfg.tasks:
-                if t.name not in part:
-                    continue
-                metric = _metric_key(out["results"][t.name], t.metric, t.name).split(",")[0]
-                for v in _item_values(out["samples"][t.name], metric, part[t.name]):
-                    on_item(t.name, len(items[t.name]), v)
-                    items[t.name].append(v)
-        tasks = {k: sum(v) / len(v) for k, v in items.items()}
-        return Scores(tasks=tasks, metrics={f"{k}/mean": v for k, v in tasks.items()}, items=items, info={})
+    def _scores(self, split: str, runs: dict[str, TaskRun]) -> Scores:
+        scores = Scores(tasks={}, info={})
+        replaced: dict[str, float] = {}
+        for t in self.cfg.tasks:
+            run = runs[t.name]
+            agg = run.aggregate()
+            key = _metric_key(agg, t.metric, t.name)
+            for k, v in agg.items():
+                if isinstance(v, (int, float)):
+                    scores.metrics[f"{t.name}/{k.split(',')[0]}"] = float(v)
+            scores.items[t.name] = run.values(key)
+            scores.items[f"{t.name}/{key.split(',')[0]}"] = scores.items[t.name]
+            scores.tasks[t.name] = float(agg[key])
+            for name, values in _continuous(run).items():
+                scores.items[f"{t.name}/{name}"] = values
+                scores.metrics[f"{t.name}/{name}"] = sum(values) / len(values)
+            metric = self.search_metric(t) if split == SEARCH else None
+            if metric:
+                replaced[t.name] = scores.tasks[t.name]
+                scores.tasks[t.name] = scores.metrics[f"{t.name}/{metric}"]
+                scores.items[t.name] = scores.items[f"{t.name}/{metric}"]
+        if replaced:  # the trial value is the search metric; what the task reports is kept beside it
+            scores.info["reported_scores"] = replaced
+            scores.info["search_metric"] = {t.name: self.search_metric(t) for t in self.cfg.tasks
+                                            if self.search_metric(t)}
+        return scores
 
 
-_HELD_BACK_SPLITS = ("test", "validation", "valid", "val", "dev", "eval")
+def _continuous(run: TaskRun) -> dict[str, list[float]]:
+    """Every search metric's per-item values, for tasks they apply to (empty otherwise)."""
+    p = run.prepared
+    if p.output_type not in sm.OUTPUT_TYPES or not run.items:
+        return {}
+    if p.output_type == "loglikelihood" and run.items[0].tokens[0] is None:
+        return {}
+    return {name: [sm.item_value(name, p, it) for it in run.items] for name in sm.SEARCH_METRICS}
 
 
-def check_search_split(manager: Any, spec: TaskSpec) -> None:
-    """Refuse to search on the split a task reports its official scores on (its test or validation split).
-
-    Searching there turns a public benchmark into training data; set evaluator.allow_test_split=true to
-    do it anyway. The check is by the split's name, as registered or as configured.
-    """
-    split = spec.search_split
-    if split is None:
-        entry = manager.task_index.get(spec.name)
-        if entry is not None and getattr(entry, "yaml_path", None):
-            from lm_eval.tasks._yaml_loader import load_yaml
-
-            cfg = load_yaml(entry.yaml_path, resolve_func=False)
-            split = cfg.get("test_split") or cfg.get("validation_split")
-    if split is not None and str(split).lower() in _HELD_BACK_SPLITS:
-        raise UserError(f"evaluator.tasks: {spec.name!r} would be searched on its {split!r} split, which is "
-                        "where its scores are reported; searching there overfits the benchmark. Set "
-                        f"search_split to another split (e.g. train) and heldout_split={split!r}, or set "
-                        "evaluator.allow_test_split=true to do it anyway.")
-
-
-def _item_values(samples: list[dict[str, Any]], metric: str, order: list[int]) -> list[float]:
-    """Per-item metric values in the order the items were asked for (lm-eval returns them by doc id)."""
-    by_id = {s.get("doc_id"): s.get(metric) for s in samples}
-    return [float(by_id[i]) for i in order if isinstance(by_id.get(i), (int, float, bool))]
-
-
-def _with_overrides(manager: Any, name: str, overrides: dict[str, Any]) -> str | dict[str, Any]:
-    """A task spec with some config keys replaced (e.g. test_split).
-
-    lm-eval treats an inline dict as a whole new task, so the registered YAML is read and the overrides are
-    laid over it; the task keeps its registered name, so results are keyed as usual.
-    """
-    if not overrides:
-        return name
-    entry = manager.task_index.get(name)
-    if entry is None or not getattr(entry, "yaml_path", None):
-        raise UserError(f"evaluator.tasks: {name!r} is a group or Python task; list its subtasks to set "
-                        f"{sorted(overrides)} per task.")
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    return {**load_yaml(entry.yaml_path, resolve_func=True), **overrides, "task": name}
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval draws a tqdm bar per task while building requests (it passes no `disable`): it goes to a
+    buffer, shown only if the build fails. TQDM_DISABLE=0 shows it."""
+    if os.environ.get("TQDM_DISABLE", "1") == "0":
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    except BaseException:
+        sys.stderr.write(buf.getvalue()[-5000:])
+        raise
 
 
 def _metric_key(result: dict[str, Any], metric: str | None, task: str) -> str:

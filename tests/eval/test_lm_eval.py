@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, MistralForCausalLM
 
 from optimizer import UserError
 from optimizer.eval.lm_eval import build
+from optimizer.zoo import TASKS_DIR
 
 TASK = """task: {name}
 dataset_path: json
@@ -119,3 +120,52 @@ def test_jglue_preset_resolves_to_installed_tasks():
     known = set(TaskManager().all_tasks)
     assert set(names) <= known
     assert all(t.search_split == "train" and t.heldout_split == "validation" for t in parsed.tasks)
+
+
+def zoo_evaluator(**kw):
+    from optimizer.resources import CONF_DIR
+
+    node = OmegaConf.load(CONF_DIR / "evaluator" / "zoo.yaml")
+    node.include_path = [str(TASKS_DIR)]
+    for k, v in kw.items():
+        node[k] = v
+    return build(node, {"device": torch.device("cpu"), "seed": 0})
+
+
+@pytest.fixture(scope="module")
+def zoo_live():
+    from optimizer.zoo import ensure_zoo
+
+    zoo = ensure_zoo()
+    return MistralForCausalLM.from_pretrained(zoo / "base").eval(), AutoTokenizer.from_pretrained(zoo / "base")
+
+
+HINT = "Custom kwargs can be passed"
+
+
+def test_zoo_runs_log_no_custom_dataset_hint(zoo_live, caplog, capfd):
+    """lm-eval logs a `--metadata` hint for every task built from a Python function (the zoo's six); the
+    evaluator drops exactly that record, on a first run and a rerun (a second evaluator in the process)."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    caplog.set_level(logging.WARNING, logger="lm_eval")  # the evaluator raises it to ERROR once it wraps a model
+    TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(["zoo_add"])
+    assert HINT in caplog.text  # what the test guards against really happens without the filter
+    caplog.clear()
+    capfd.readouterr()
+    for _run in range(2):
+        caplog.set_level(logging.WARNING, logger="lm_eval")
+        ev = zoo_evaluator(limit=5)
+        ev.validate()
+        for split in ev.splits():
+            ev.evaluate(*zoo_live, split)
+        out = capfd.readouterr()
+        assert HINT not in caplog.text and HINT not in out.err and HINT not in out.out
+    from optimizer.eval.tasks import quiet_task_builds
+
+    caplog.set_level(logging.WARNING, logger="lm_eval")
+    with quiet_task_builds():  # other lm-eval warnings still get through
+        logging.getLogger("lm_eval.api.task").warning("some other warning")
+    assert "some other warning" in caplog.text
