@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from optimizer import UserError
+from optimizer.resources import resolve_path
 
 from .build import RECIPE_FILE
 from .routing import analyse
@@ -23,17 +24,19 @@ def read_prompts(spec: str, field: str | None, limit: int) -> tuple[str, list[st
     """Parse `NAME=FILE`: .txt has one prompt per line; .jsonl lines are strings or objects.
 
     Args:
-        spec: "NAME=FILE".
+        spec: "NAME=FILE"; FILE relative to the working directory, else to the installed package, whose
+            `data/routing/{add,rev,kana}.jsonl` hold 40 prompts of each demo-zoo skill.
         field: for objects, the field to read; `a+b` concatenates fields (default: first of TEXT_FIELDS
             present, so the zoo's task rows give prompt+answer).
         limit: keep at most this many prompts (the first ones).
     """
     name, sep, file = spec.partition("=")
     if not sep or not name or not file:
-        raise UserError(f"--prompts {spec!r}: expected NAME=FILE, e.g. --prompts add=data/add/heldout.jsonl.")
-    path = Path(file)
+        raise UserError(f"--prompts {spec!r}: expected NAME=FILE, e.g. --prompts add=data/routing/add.jsonl.")
+    path = resolve_path(file)  # the working directory first, then the package (data/routing/*.jsonl ship)
     if not path.is_file():
-        raise UserError(f"--prompts {name}: file {file!r} does not exist.")
+        raise UserError(f"--prompts {name}: file {file!r} does not exist (the demo prompt sets are "
+                        "data/routing/add.jsonl, rev.jsonl and kana.jsonl).")
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if path.suffix == ".jsonl":
         lines = [_text(json.loads(ln), field, name) for ln in lines]
