@@ -72,13 +72,31 @@ class Checkpoint:
         self.files = self._index(allow_pickle)
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
 
+    def _open(self, f: Path, device: str = "cpu"):
+        """safe_open, with a truncated, corrupt or unreadable file as a UserError naming it."""
+        try:
+            return safe_open(f, framework="pt", device=device)
+        except Exception as e:  # SafetensorError (bad header, file shorter than its header says), OSError
+            raise UserError(f"{self.what}={self.ref!r}: weight file {str(f)!r} cannot be read ({e}); it is "
+                            "truncated or corrupt (an interrupted download or copy?). Fetch or copy it again.") from None
+
     def _index(self, allow_pickle: bool) -> dict[str, Path]:
         p = self.path
-        if (p / "model.safetensors.index.json").exists():
-            wmap = json.loads((p / "model.safetensors.index.json").read_text())["weight_map"]
-            return {name: p / fname for name, fname in wmap.items()}
+        index = p / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+                files = {name: p / fname for name, fname in wmap.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{self.what}={self.ref!r}: {str(index)!r} is not a valid safetensors index "
+                                f"({type(e).__name__}: {e}); fetch or copy the model again.") from None
+            missing = sorted({f for f in files.values() if not f.is_file()})
+            if missing:
+                raise UserError(f"{self.what}={self.ref!r}: shard {str(missing[0])!r} named in {index.name} is "
+                                "missing; fetch or copy the model again.")
+            return files
         if (p / "model.safetensors").exists():
-            with safe_open(p / "model.safetensors", framework="pt") as f:
+            with self._open(p / "model.safetensors") as f:
                 return {name: p / "model.safetensors" for name in f.keys()}
         bins = sorted(p.glob("pytorch_model*.bin"))
         if bins and not allow_pickle:
@@ -106,7 +124,7 @@ class Checkpoint:
                 for n in names:
                     out[n] = TensorInfo(n, tuple(sd[n].shape), sd[n].dtype)
                 continue
-            with safe_open(f, framework="pt") as h:
+            with self._open(f) as h:
                 for n in names:
                     sl = h.get_slice(n)
                     out[n] = TensorInfo(n, tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.float32))
@@ -119,5 +137,5 @@ class Checkpoint:
             if f not in self._pickled:
                 self._pickled[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             return self._pickled[f][name].to(device)
-        with safe_open(f, framework="pt", device=str(device)) as h:
+        with self._open(f, str(device)) as h:
             return h.get_tensor(name)

@@ -7,10 +7,24 @@ plug-ins and validated when the plug-in is built.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+from optimizer import UserError
+
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_study_name(name: Any) -> str:
+    """`study_name` names a folder under run_root: a plain name (letters, digits, `.`, `_`, `-`)."""
+    if not isinstance(name, str) or not _STUDY_NAME.match(name) or ".." in name:
+        raise UserError(f"study_name={name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+                        "(no '/', no '..', at most 128 characters, starting with a letter or digit); it names "
+                        "the folder run_root/study_name.")
+    return name
 
 
 @dataclass
@@ -78,14 +92,27 @@ class SamplerConfig:
 
 @dataclass
 class StorageConfig:
-    """Where the study lives: `sqlite` (runs/<study>/study.db), `journal`, `postgresql`, `memory`."""
+    """Where the study lives: `sqlite` (runs/<study>/study.db), `journal`, `postgresql`, `memory`.
+
+    Args:
+        url: the storage URL (SQLite file, journal path, PostgreSQL server). For a server, prefer the
+            environment variable `url_env` names: a password in `url` is redacted in everything written,
+            but it still passes through the command line.
+        url_env: environment variable holding the PostgreSQL URL (read when `url` is unset).
+        heartbeat_interval: seconds between a running trial's heartbeats (Optuna's for SQLite/PostgreSQL, a
+            user attr for the journal).
+        grace_period: seconds without a heartbeat after which a trial's worker counts as dead and the trial
+            is failed and re-enqueued (null: 3 heartbeat intervals). A worker on the same host that no
+            longer exists is found at once, without waiting.
+        max_retry: how many times one trial's parameters are re-enqueued after its worker died.
+    """
 
     kind: str = "sqlite"
     url: str | None = None
     url_env: str = "OPTUNA_STORAGE_URL"
-    heartbeat_interval: int = 60
-    grace_period: int = 180
-    max_retry: int = 2
+    heartbeat_interval: int = 20
+    grace_period: int | None = None
+    max_retry: int = 3
 
 
 @dataclass

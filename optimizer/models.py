@@ -28,9 +28,19 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name!r} but no CUDA device is available; use device=auto or device=cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                        "(CUDA_VISIBLE_DEVICES renumbers them from 0); use cuda:0 ... or device=auto.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device={name!r} but MPS is not available here; use device=auto or device=cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={name!r}: merge-optimizer runs on cpu, cuda or mps; use one of those or auto.")
     return dev
 
 
@@ -78,6 +88,9 @@ class ModelSet:
                         for n, r in cfg.models.items()}
         self.target = (Checkpoint(cfg.target, what="models.target", allow_pickle=allow)
                        if cfg.target else self.base)
+        check_architecture(self.target, bool(cfg.trust_remote_code), required=True)  # the live model's class
+        if self.target is not self.base:
+            check_architecture(self.base, bool(cfg.trust_remote_code), required=False)
         self.infos: dict[str, TensorInfo] = self.base.infos()
         for ckpt in [*self.experts.values(), self.target]:
             if ckpt is not self.base:
@@ -128,6 +141,34 @@ class ModelSet:
         if tok.pad_token is None:  # batched scoring needs one; EOS is the usual stand-in
             tok.pad_token = tok.eos_token
         return tok
+
+
+def check_architecture(ckpt: Checkpoint, trust_remote_code: bool, required: bool) -> None:
+    """A model built as a live model must be a class transformers has (or trusted remote code)."""
+    import json
+
+    path = ckpt.path / "config.json"
+    if not path.is_file():
+        if not required:
+            return
+        raise UserError(f"{ckpt.what}={ckpt.ref!r} has no config.json; the live model needs its architecture.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt.what}={ckpt.ref!r}: {str(path)!r} is not valid JSON ({e}).") from None
+    if trust_remote_code or not isinstance(data, dict):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = data.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if data.get("auto_map"):
+        raise UserError(f"{ckpt.what}={ckpt.ref!r} needs its own Python code (config.json has auto_map and "
+                        f"model_type {model_type!r}, which transformers does not ship). Loading it runs that "
+                        "code: set models.trust_remote_code=true only if you trust its source.")
+    raise UserError(f"{ckpt.what}={ckpt.ref!r}: model_type {model_type!r} in config.json is unknown to the "
+                    "installed transformers; upgrade transformers or check the folder.")
 
 
 def check_vocab_policy(policy: str, what: str) -> str:

@@ -5,6 +5,8 @@ Validation, loading and scoring live in `optimizer.session`; writing models in `
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import time
@@ -12,13 +14,19 @@ import warnings
 from collections.abc import Callable
 
 import optuna
+import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from optimizer import UserError
 from optimizer.artifacts import artifact_store, attach
 from optimizer.eval import SEARCH, EvaluationFailed
-from optimizer.export.write import export_best, export_pareto, is_current
+from optimizer.export.write import clean_temps, export_best, export_lock, export_pareto, is_current
+from optimizer.fingerprint import ATTR as FINGERPRINT
+from optimizer.fingerprint import check as check_fingerprint
+from optimizer.fingerprint import fingerprint
 from optimizer.progress import Progress
+from optimizer.recovery import Guard, Requeue, StopAtTotal, Surplus, count, has_heartbeat, recover, study_lock
+from optimizer.secrets import has_password, redact, redact_text
 from optimizer.session import Session, console, load, prepare, score
 from optimizer.study import (
     FINISHED,
@@ -28,6 +36,7 @@ from optimizer.study import (
     check_resumable,
     count_finished,
     existing_study,
+    grace_seconds,
     storage_url,
 )
 
@@ -76,28 +85,60 @@ def make_objective(s: Session, store: optuna.artifacts.FileSystemArtifactStore
     return objective
 
 
-def open_study(s: Session) -> optuna.Study:
+def check_study(s: Session) -> tuple[optuna.storages.BaseStorage, dict]:
+    """Open the storage and check the stored study's identity, before any model is loaded: a bad URL, a
+    missing driver or a study defined differently is a UserError (exit 2) and nothing is added."""
     cfg = s.cfg
     storage = build_storage(cfg.storage, s.run_dir)
-    where = storage_url(cfg.storage, s.run_dir) or "memory"
+    current = fingerprint(s)
     study = existing_study(storage, cfg.study_name)
     if study is not None:
-        check_resumable(study, s.space.describe(), where)
-    done = count_finished(study) if study else 0
-    sampler = build_sampler(cfg.sampler, cfg.seed + done)  # a resumed run must not replay its first draws
-    study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
-                                pruner=build_pruner(cfg.pruner), load_if_exists=True, **s.objective.directions_kwargs())
-    if "space" not in study.user_attrs:
-        study.set_user_attr("space", s.space.describe())
-        study.set_user_attr("seed", cfg.seed)
-        s.objective.label(study)
+        where = redact_text(storage_url(cfg.storage, s.run_dir) or "memory")
+        if FINGERPRINT in study.user_attrs:
+            check_fingerprint(study, current, where)
+        else:  # created before fingerprints were stored
+            check_resumable(study, s.space.describe(), where)
+    return storage, current
+
+
+def open_study(s: Session, storage: optuna.storages.BaseStorage, current: dict) -> optuna.Study:
+    """Create or resume the study: under the study lock, the creator stores its identity; then trials of dead
+    workers are failed and re-enqueued and baselines that never finished are enqueued (again)."""
+    cfg = s.cfg
+    lock = (contextlib.nullcontext() if cfg.storage.kind == "memory"
+            else study_lock(storage, s.run_dir / ".study.lock", cfg.study_name))
+    with lock:
+        try:
+            optuna.create_study(study_name=cfg.study_name, storage=storage, **s.objective.directions_kwargs())
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            created = False
+        done = count_finished(optuna.load_study(study_name=cfg.study_name, storage=storage))
+        sampler = build_sampler(cfg.sampler, cfg.seed + done)  # a resumed run must not replay its first draws
+        study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
+                                    pruner=build_pruner(cfg.pruner), load_if_exists=True,
+                                    **s.objective.directions_kwargs())
+        if created or FINGERPRINT not in study.user_attrs:
+            study.set_user_attr(FINGERPRINT, current)
+        if "space" not in study.user_attrs:
+            study.set_user_attr("space", s.space.describe())
+            study.set_user_attr("seed", cfg.seed)
+            s.objective.label(study)
+        recovered = recover(study, grace_seconds(cfg.storage), Requeue(cfg.storage.max_retry))
         enqueue_baselines(s, study)
-    study.set_user_attr("config", OmegaConf.to_container(cfg, resolve=True))
+        study.set_user_attr("config", redact(OmegaConf.to_container(cfg, resolve=True)))
+    if recovered:
+        numbers = ", ".join(f"#{n}" for n in recovered)
+        console.print(f"[yellow]{len(recovered)} trial(s) left RUNNING by a dead worker ({numbers}): failed, "
+                      "their parameters re-enqueued[/]")
     return study
 
 
 def enqueue_baselines(s: Session, study: optuna.Study) -> None:
-    """Baselines run first so the search cannot end worse than the classic recipes."""
+    """Baselines run first so the search cannot end worse than the classic recipes. Idempotent: a baseline
+    is enqueued unless a trial of it finished, waits or runs (a crashed one was re-enqueued by `recover`)."""
+    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False, states=(
+        *FINISHED, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING))}
     for b in s.cfg.merge.baselines:
         params = s.space.baseline(b)
         out = [p for p in s.space.params if not p.low <= params[p.name] <= p.high]
@@ -106,7 +147,8 @@ def enqueue_baselines(s: Session, study: optuna.Study) -> None:
             console.print(f"[yellow]baseline {label} skipped: {out[0].name} outside bounds "
                           f"[{out[0].low}, {out[0].high}][/]")
             continue
-        study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+        if label not in have:
+            study.enqueue_trial(params, user_attrs={"baseline": label})
 
 
 def run(cfg: DictConfig) -> int:
@@ -119,24 +161,51 @@ def run(cfg: DictConfig) -> int:
     s = prepare(cfg)
     try:
         return _run(s)
+    except (OSError, sqlalchemy.exc.OperationalError) as e:
+        if not disk_trouble(e):
+            raise
+        raise UserError(f"cannot write under run_root={cfg.run_root!r}: {redact_text(str(e).splitlines()[0])}. "
+                        "Free some space or point run_root at a writable folder, then rerun the same command "
+                        "to resume.") from None
     finally:
         s.evaluator.close()
 
 
+def disk_trouble(e: BaseException) -> bool:
+    """A full or read-only disk (as the OS or SQLite reports it)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+    text = str(e).lower()
+    return "disk is full" in text or "readonly database" in text or "disk i/o error" in text
+
+
 def _run(s: Session) -> int:
     cfg = s.cfg
+    storage, current = check_study(s)  # before loading: storage and resume errors cost nothing
+    if cfg.storage.url and has_password(cfg.storage.url):
+        console.print(f"[yellow]storage.url holds a password; it is redacted in everything written, but prefer "
+                      f"the environment variable {cfg.storage.url_env}[/]")
     load(s)
-    study = open_study(s)
+    study = open_study(s, storage, current)
+    for parent in (s.run_dir, s.run_dir / "pareto"):
+        clean_temps(parent)  # what killed exports left (live exporters' folders are kept)
     done = count_finished(study)
     console.print(f"study {cfg.study_name!r}: {done} finished trials, target {cfg.n_trials}")
     progress = Progress(s, cfg.n_trials, console)
     interrupted = False
-    ran = done < cfg.n_trials
+    finished, running = count(study)
+    ran = finished + len(running) < cfg.n_trials
     if ran:
+        def recover_now() -> list[int]:
+            with study_lock(storage, s.run_dir / ".study.lock", cfg.study_name):
+                return recover(study, grace_seconds(cfg.storage), Requeue(cfg.storage.max_retry))
+
+        own_heartbeat = (None if has_heartbeat(study) or cfg.storage.kind == "memory"
+                         else cfg.storage.heartbeat_interval)  # the journal: Optuna has no heartbeat there
+        objective = Guard(make_objective(s, artifact_store(s.run_dir)), cfg.n_trials, own_heartbeat, recover_now)
         try:
-            study.optimize(make_objective(s, artifact_store(s.run_dir)), catch=(EvaluationFailed,),
-                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED), progress],
-                           gc_after_trial=False)
+            study.optimize(objective, catch=(EvaluationFailed, Surplus),
+                           callbacks=[StopAtTotal(cfg.n_trials, recover_now), progress], gc_after_trial=False)
         except KeyboardInterrupt:
             interrupted = True
             console.print("[yellow]interrupted[/]")
@@ -145,15 +214,18 @@ def _run(s: Session) -> int:
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         console.print("[red]no completed trial: nothing to export[/]")
         return 130 if interrupted else 1
-    if cfg.export.enabled and s.objective.multi:
-        console.print(f"Pareto front written to {export_pareto(s, study)}")
-    elif cfg.export.enabled:
-        if ran or not is_current(s.run_dir / "best", study):
-            console.print(f"best model written to {export_best(s, study)}")
-        else:
-            console.print(f"best model is current: {s.run_dir / 'best'}")
+    if cfg.export.enabled:
+        with export_lock(s.run_dir):  # one exporter at a time; the last one sees every finished trial
+            if s.objective.multi:
+                console.print(f"Pareto front written to {export_pareto(s, study)}")
+            elif not is_current(s.run_dir / "best", study):
+                console.print(f"best model written to {export_best(s, study)}")
+            else:
+                console.print(f"best model is current: {s.run_dir / 'best'}")
     console.print(json.dumps(s.objective.summary(study), indent=None))
     url = storage_url(cfg.storage, s.run_dir)
     if url:
-        console.print(f"dashboard: optuna-dashboard {url} --artifact-dir {(s.run_dir / 'artifacts').resolve()}")
+        shown = f'"${cfg.storage.url_env}"' if cfg.storage.kind == "postgresql" and not cfg.storage.url else url
+        console.print(f"dashboard: optuna-dashboard {redact_text(shown)} --artifact-dir "
+                      f"{(s.run_dir / 'artifacts').resolve()}")
     return 130 if interrupted else 0

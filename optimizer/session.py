@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from optimizer import UserError
+from optimizer.config import check_study_name
 from optimizer.eval import SEARCH, Evaluator, Scores, build_evaluator
 from optimizer.merge.registry import METHODS
 from optimizer.models import ModelSet, Resident, pick_device
@@ -72,7 +73,11 @@ class Session:
 
 
 def prepare(cfg: DictConfig) -> Session:
-    """Check the whole configuration against the models' headers; nothing heavy is loaded, nothing written."""
+    """Check the whole configuration against the models' headers; nothing heavy is loaded, nothing written.
+
+    Order: cheap config checks, the models (headers), the space, the evaluator, the disk. The storage and
+    the stored study's identity are checked next, by the runner, still before anything is loaded."""
+    check_study_name(cfg.study_name)
     if cfg.n_trials < 1:
         raise UserError(f"n_trials={cfg.n_trials}: the study needs at least one trial.")
     if cfg.merge.method not in METHODS:
@@ -110,6 +115,7 @@ def prepare(cfg: DictConfig) -> Session:
     space = SearchSpace(method, models.names, derive_layout(names, cfg.mode.granularity), cfg.merge)
     run_dir = Path(cfg.run_root) / cfg.study_name
     context = {"device": device, "run_dir": run_dir, "seed": cfg.seed, "cfg": cfg}
+    check_split_overlap(cfg.evaluator)
     evaluator = build_evaluator(cfg.evaluator, context)
     evaluator.validate()
     objective = Objective.from_config(cfg.objective, evaluator)
@@ -123,7 +129,60 @@ def prepare(cfg: DictConfig) -> Session:
                             "(e.g. 25) so items are scored and reported in chunks.")
     for b in cfg.merge.baselines:
         space.baseline(b)
+    check_disk(Path(cfg.run_root), export_bytes(models) if cfg.export.enabled else 0)
     return Session(cfg, run_dir, device, models, space, evaluator, objective, moe=moe)
+
+
+def check_split_overlap(node: Any, where: str = "evaluator") -> None:
+    """A task searched and held out on the same split has no held-out score: the held-out choice would
+    re-rank trials by the numbers they were searched on. Checked in every evaluator node (composite parts)."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if isinstance(data, dict):
+        for i, t in enumerate(data.get("tasks") or []):
+            if isinstance(t, dict) and t.get("search_split") and t.get("search_split") == t.get("heldout_split"):
+                raise UserError(f"{where}.tasks[{i}] ({t.get('name')!r}): search_split and heldout_split are both "
+                                f"{t['search_split']!r}; held-out scores must come from items the search never saw. "
+                                "Use another heldout_split (or null for no held-out re-evaluation).")
+        for k, v in data.items():
+            if k != "tasks" and isinstance(v, dict):
+                check_split_overlap(v, f"{where}.{k}")
+
+
+def export_bytes(models: ModelSet) -> int:
+    """Roughly what one exported model folder takes (weights in the run's dtype)."""
+    size = torch.empty((), dtype=models.dtype).element_size()
+    return sum(math.prod(i.shape) for n, i in models.infos.items() if i.dtype.is_floating_point) * size
+
+
+# Beside an export: the study database, per-trial artifacts, Hydra's copies, a journal.
+_DISK_MARGIN = 32 * 2**20
+
+
+def check_disk(run_root: Path, need: int) -> None:
+    """run_root must be writable and hold an export (the new folder is written before the old one goes)."""
+    import errno
+    import shutil
+    import tempfile
+
+    probe = run_root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"run_root={str(run_root)!r}: {str(probe)!r} is a file, not a folder.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".merge-optimizer-probe-"):
+            pass
+    except OSError as e:
+        why = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e))
+        raise UserError(f"run_root={str(run_root)!r} is not writable ({why} at {str(probe)!r}); point run_root "
+                        "at a writable folder (the study, its artifacts and the best model are written there).") from None
+    free = shutil.disk_usage(probe).free
+    if free < need + _DISK_MARGIN:
+        raise UserError(f"run_root={str(run_root)!r} has {free / 2**20:.0f} MiB free, but the run needs about "
+                        f"{(need + _DISK_MARGIN) / 2**20:.0f} MiB (one exported model of {need / 2**20:.0f} MiB plus "
+                        "the study and its artifacts); free some space or point run_root elsewhere.")
 
 
 def set_threads(threads: int | None, device: torch.device, models: ModelSet) -> None:

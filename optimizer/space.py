@@ -6,6 +6,7 @@ Llama, Mistral, Qwen2 and Gemma checkpoints share (GPT-style `.h.<i>.` and `.blo
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -219,7 +220,12 @@ def _bounds(spec: Any, override: Sequence[float] | None) -> tuple[float, float]:
         return float(spec.search_low), float(spec.search_high)
     if len(override) != 2:
         raise UserError(f"merge.bounds.{spec.name}={list(override)} must be [low, high].")
-    low, high = float(override[0]), float(override[1])
+    try:
+        low, high = float(override[0]), float(override[1])
+    except (TypeError, ValueError):
+        raise UserError(f"merge.bounds.{spec.name}={list(override)} must be two numbers [low, high].") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UserError(f"merge.bounds.{spec.name}=[{low}, {high}] must be finite numbers.")
     if low > high:
         raise UserError(f"merge.bounds.{spec.name}=[{low}, {high}]: low is greater than high; "
                         f"write [{high}, {low}].")

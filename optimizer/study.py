@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizer import UserError
+from optimizer.secrets import redact_text, remember, watch_env
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -66,42 +67,98 @@ def build_sampler(cfg: Any, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def storage_url(cfg: Any, run_dir: Path) -> str | None:
-    """The URL (or journal path) a user passes to optuna-dashboard; None for in-memory storage."""
+    """The URL (or journal path) a user passes to optuna-dashboard; None for in-memory storage.
+
+    PostgreSQL URLs come from the environment variable `storage.url_env` (preferred: nothing written holds
+    the password) or `storage.url`; `postgresql://` gets the installed driver (psycopg2, else psycopg 3).
+    """
     if cfg.kind == "sqlite":
-        return cfg.url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+        url = cfg.url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+        if not url.startswith("sqlite:///"):
+            raise UserError(f"storage.url={redact_text(url)!r} is not an SQLite URL (sqlite:///path/study.db); "
+                            "for a server use storage=postgresql.")
+        return url
     if cfg.kind == "journal":
         return cfg.url or str((run_dir / "journal.log").resolve())
     if cfg.kind == "postgresql":
-        url = cfg.url or os.environ.get(cfg.url_env)
+        watch_env(cfg.url_env)
+        url = cfg.url or os.environ.get(cfg.url_env or "")
         if not url:
             raise UserError(f"storage=postgresql needs a URL: set the environment variable {cfg.url_env} "
                             "(e.g. postgresql://user:pass@host/db) or storage.url.")
-        return url
+        remember(url)
+        return with_driver(url)
     if cfg.kind == "memory":
         return None
     raise UserError(f"storage.kind={cfg.kind!r} is unknown; use sqlite, journal, postgresql or memory.")
 
 
+def url_source(cfg: Any) -> str:
+    """How messages name the storage: the environment variable when the URL came from it."""
+    if cfg.kind == "postgresql" and not cfg.url:
+        return f"${cfg.url_env}"
+    return "storage.url"
+
+
+def with_driver(url: str) -> str:
+    """A PostgreSQL URL with a driver SQLAlchemy can load (UserError naming the extra when none is installed)."""
+    from importlib.util import find_spec
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise UserError(f"storage=postgresql: {redact_text(url)!r} is not a PostgreSQL URL; write "
+                        "postgresql://user:password@host:5432/database (password preferably in the environment "
+                        "variable storage.url_env names).")
+    driver = scheme.partition("+")[2]
+    module = {"": None, "psycopg": "psycopg", "psycopg2": "psycopg2"}.get(driver, driver)
+    if module is None:
+        module = "psycopg2" if find_spec("psycopg2") else "psycopg"
+        driver = module
+    if not find_spec(module):
+        raise UserError(f"storage=postgresql needs a PostgreSQL driver for SQLAlchemy, and {module} is not "
+                        "installed: pip install 'merge-optimizer[postgresql]' (psycopg 3), then rerun.")
+    return f"postgresql+{driver}://{rest}"
+
+
+def grace_seconds(cfg: Any) -> int:
+    """How long a RUNNING trial may go without a heartbeat before its worker counts as dead."""
+    return int(cfg.grace_period or 3 * cfg.heartbeat_interval)
+
+
 def build_storage(cfg: Any, run_dir: Path) -> optuna.storages.BaseStorage:
-    """Storage with heartbeats for RDB kinds, so a killed worker's trial is failed and retried."""
+    """The study's storage. RDB kinds get Optuna's heartbeat, so a killed worker's trial is failed and its
+    parameters re-enqueued (see optimizer.recovery); errors opening it are UserErrors naming the URL."""
+    from optimizer.recovery import Requeue
+
     url = storage_url(cfg, run_dir)
     if cfg.kind == "memory":
         return optuna.storages.InMemoryStorage()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.kind == "journal":
-        from optuna.storages.journal import JournalFileBackend
+    if cfg.heartbeat_interval is None or cfg.heartbeat_interval < 1:
+        raise UserError(f"storage.heartbeat_interval={cfg.heartbeat_interval!r} must be a positive number of "
+                        "seconds (a dead worker is found after storage.grace_period, default 3 intervals).")
+    if cfg.grace_period is not None and cfg.grace_period <= cfg.heartbeat_interval:
+        raise UserError(f"storage.grace_period={cfg.grace_period} must exceed storage.heartbeat_interval="
+                        f"{cfg.heartbeat_interval} (or be null: 3 intervals), else live trials look dead.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.kind == "journal":
+            from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-            optuna.storages.RetryFailedTrialCallback  # renamed in Optuna 4.9
-        retry = retry_cls(max_retry=cfg.max_retry)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna but are what makes resume safe
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
-                                          grace_period=cfg.grace_period, heartbeat_stale_trial_callback=retry)
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna but are what makes resume safe
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
+                                              grace_period=grace_seconds(cfg),
+                                              heartbeat_stale_trial_callback=Requeue(cfg.max_retry))
+    except UserError:
+        raise
+    except Exception as e:  # bad URL, unreachable server, wrong password, read-only or full disk, ...
+        first = redact_text(str(e).strip().splitlines()[0] if str(e).strip() else "")
+        shown = redact_text(url)
+        raise UserError(f"cannot open the study storage {shown!r} ({url_source(cfg)}; storage={cfg.kind}): "
+                        f"{type(e).__name__}: {first}. Check the URL, that the server is up and the "
+                        "credentials are right, or that the folder is writable.") from None
 
 
 def existing_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:

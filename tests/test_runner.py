@@ -63,7 +63,7 @@ def test_best_export_is_loadable_and_scored(tiny_models, tmp_path):
 def test_incompatible_resume_is_refused_and_nothing_is_added(tiny_models, tmp_path):
     cfg = make_cfg(tiny_models, tmp_path, n_trials=3)
     run(cfg)
-    with pytest.raises(UserError, match="different granularity"):
+    with pytest.raises(UserError, match="different mode.granularity"):
         run(OmegaConf.merge(cfg, {"mode": {"granularity": "parameter"}, "n_trials": 5}))
     assert len(load(cfg).trials) == 3
 

@@ -205,6 +205,10 @@ def validate(cfg: MoeConfig) -> None:
         raise UserError(f"experts_per_token={cfg.experts_per_token!r} but there are {n} experts; set it "
                         f"between 1 and {n} (1 or 2 is usual).")
     c = cfg.calibrate
+    for key, kind in (("steps", int), ("lr", (int, float)), ("rounds", int), ("max_tokens_per_expert", int)):
+        value = getattr(c, key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UserError(f"calibrate.{key}={value!r} must be a number ({'an integer' if kind is int else 'e.g. 0.05'}).")
     if c.steps < 0 or c.lr <= 0 or c.rounds < 0 or c.max_tokens_per_expert < 1:
         raise UserError("calibrate: steps must be >= 0 (0 = off), lr > 0, rounds >= 0 and "
                         "max_tokens_per_expert >= 1.")
