@@ -43,11 +43,15 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+_TRUNCATION_WARNED: set[tuple[int, int]] = set()
+
+
 def fit_context(model: Any, seqs: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], int]:
     """Prompts and a new-token budget that fit the model's context (tiny demo models have 256 positions).
 
     The answer gets at most half the context; a prompt longer than the rest keeps its last tokens (the
-    latest turn matters most), with a warning.
+    latest turn matters most), with a warning (once per context size and process: every trial answers
+    the same questions, so it would repeat for each batch of each trial).
     """
     limit = getattr(model.config, "max_position_embeddings", None)
     if not limit:
@@ -55,8 +59,11 @@ def fit_context(model: Any, seqs: list[list[int]], max_new_tokens: int) -> tuple
     new = max(min(max_new_tokens, limit // 2), 1)
     keep = limit - new
     if any(len(s) > keep for s in seqs):
-        log.warning("MT-Bench prompt of %d tokens exceeds the model's context (%d) minus the answer (%d): "
-                    "keeping its last tokens", max(len(s) for s in seqs), limit, new)
+        if (limit, new) not in _TRUNCATION_WARNED:
+            _TRUNCATION_WARNED.add((limit, new))
+            log.warning("MT-Bench prompt of %d tokens exceeds the model's context (%d) minus the answer (%d): "
+                        "keeping its last tokens (said once; longer prompts are cut the same way)",
+                        max(len(s) for s in seqs), limit, new)
         seqs = [s[-keep:] for s in seqs]
     return seqs, new
 

@@ -13,21 +13,33 @@ from optimizer.eval.judge.chat import render_chat
 from optimizer.eval.judge.clients import Completion, JudgeStats
 from optimizer.eval.judge.config import JudgeConfig
 from optimizer.eval.judge.generate import GenSettings, encode_prompt, generate_counted
+from optimizer.zoo.layout import SCHEME as ZOO_SCHEME
 
 _DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def model_path(ref: str) -> str:
+    """Where to load the judge from: a `zoo://name` reference becomes its folder (the demo zoo is built on
+    first use, as for `models.base`); folders and hub ids are passed to transformers as they are."""
+    if ref.startswith(ZOO_SCHEME):
+        from optimizer.checkpoint import locate
+
+        return str(locate(ref, what="judge.model"))
+    return ref
+
+
 def check_local_model(cfg: JudgeConfig) -> None:
-    """UserError unless `judge.model` is a local model folder or looks like a hub id (org/name)."""
-    p = Path(cfg.model).expanduser()
+    """UserError unless `judge.model` is a local model folder, a `zoo://` model or looks like a hub id."""
     if cfg.dtype not in _DTYPES:
         raise UserError(f"judge.dtype={cfg.dtype!r} is unknown; use one of {sorted(_DTYPES)}.")
+    p = Path(model_path(cfg.model)).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise UserError(f"judge.model={cfg.model} has no config.json; point it at a transformers model folder.")
         return
     if cfg.model.count("/") != 1 or cfg.model.startswith((".", "/", "~")):
-        raise UserError(f"judge.model={cfg.model!r} is neither a local model folder nor a hub id (org/name).")
+        raise UserError(f"judge.model={cfg.model!r} is neither a local model folder, a demo zoo model "
+                        "(zoo://base) nor a hub id (org/name).")
 
 
 class LocalJudge:
@@ -55,8 +67,9 @@ class LocalJudge:
         if self._model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
-            self._model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=_DTYPES[self.cfg.dtype])
+            path = model_path(self.cfg.model)
+            self._tokenizer = AutoTokenizer.from_pretrained(path)
+            self._model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[self.cfg.dtype])
             self._model.to(self.device).eval()
 
     def complete_batch(self, requests: list[tuple[str, str]]) -> list[Completion]:

@@ -38,3 +38,24 @@ def test_local_judge_in_the_evaluator(tiny_lm, judge_dir, tmp_path):
         ev.evaluate(model, tok, "search")
     assert e.value.info["judge_requests"] == 6 and e.value.info["judge_new"] == 6
     ev.close()
+
+
+def test_zoo_reference_works_as_judge_model(judge_dir, tmp_path, monkeypatch):
+    """`judge.model=zoo://base` resolves like `models.base=zoo://base` (here a stand-in zoo folder)."""
+    import json
+    import shutil
+
+    from optimizer import UserError
+    from optimizer.eval.judge.local_judge import check_local_model
+    from optimizer.zoo.layout import MANIFEST, RECIPE_VERSION
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(judge_dir, zoo / "base")
+    (zoo / MANIFEST).write_text(json.dumps({"recipe_version": RECIPE_VERSION}))
+    monkeypatch.setenv("MERGE_OPTIMIZER_ZOO", str(zoo))
+    cfg = JudgeConfig(kind="local", model="zoo://base", api_key_env=None, max_tokens=3)
+    check_local_model(cfg)
+    judge = LocalJudge(cfg, torch.device("cpu"))
+    assert len(judge.complete_batch([("", "rate this")])) == 1 and judge.model_id == "local:zoo://base"
+    with pytest.raises(UserError, match="unknown zoo model 'zoo://nope'"):
+        check_local_model(JudgeConfig(kind="local", model="zoo://nope", api_key_env=None))
