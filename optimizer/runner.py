@@ -24,7 +24,7 @@ from optimizer.export.write import clean_temps, export_best, export_lock, export
 from optimizer.fingerprint import ATTR as FINGERPRINT
 from optimizer.fingerprint import check as check_fingerprint
 from optimizer.fingerprint import fingerprint
-from optimizer.progress import Progress
+from optimizer.progress import Progress, print_run_end
 from optimizer.recovery import Guard, Requeue, StopAtTotal, Surplus, count, has_heartbeat, recover, study_lock
 from optimizer.secrets import has_password, redact, redact_text
 from optimizer.session import Session, console, load, prepare, score
@@ -191,7 +191,7 @@ def _run(s: Session) -> int:
         clean_temps(parent)  # what killed exports left (live exporters' folders are kept)
     done = count_finished(study)
     console.print(f"study {cfg.study_name!r}: {done} finished trials, target {cfg.n_trials}")
-    progress = Progress(s, cfg.n_trials, console)
+    progress = Progress(s, cfg.n_trials, console, done=done)
     interrupted = False
     finished, running = count(study)
     ran = finished + len(running) < cfg.n_trials
@@ -223,9 +223,5 @@ def _run(s: Session) -> int:
             else:
                 console.print(f"best model is current: {s.run_dir / 'best'}")
     console.print(json.dumps(s.objective.summary(study), indent=None))
-    url = storage_url(cfg.storage, s.run_dir)
-    if url:
-        shown = f'"${cfg.storage.url_env}"' if cfg.storage.kind == "postgresql" and not cfg.storage.url else url
-        console.print(f"dashboard: optuna-dashboard {redact_text(shown)} --artifact-dir "
-                      f"{(s.run_dir / 'artifacts').resolve()}")
+    print_run_end(s, console)  # held-out score, scores.json, report and dashboard commands
     return 130 if interrupted else 0

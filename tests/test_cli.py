@@ -75,3 +75,24 @@ def test_group_option_from_config_dir_is_still_typed(tmp_path):
     (tmp_path / "conf" / "merge" / "mine.yaml").write_text("method: ties\nbogus_key: 1\n")
     r = cli("--config-dir", str(tmp_path / "conf"), "merge=mine", f"run_root={tmp_path}/runs")
     assert r.returncode == 2 and "Key 'bogus_key' not in 'MergeConfig'" in r.stderr
+
+
+def test_failing_judge_trials_are_one_line_each_and_stop_at_n_trials(tmp_path):
+    """The zoo base as a local judge (`zoo://` like models.base) writes no [[rating]]: every trial fails.
+    Each failure is one line with its reason verbatim, Optuna prints no parameter dump or traceback, and a
+    run asked for 2 trials stops after 2 failures."""
+    import optuna
+
+    from optimizer.zoo import ensure_zoo
+
+    ensure_zoo()
+    r = cli("evaluator=mt_bench", "judge=local", "judge.model=zoo://base", "n_trials=2", "evaluator.limit=4",
+            "evaluator.max_new_tokens=4", "judge.max_tokens=4", "mode=all", "study_name=jf",
+            f"run_root={tmp_path}/runs", "threads=1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    failed = [line for line in r.stdout.splitlines() if "FAILED" in line]
+    assert len(failed) == 2 and all("no [[rating]] in the reply" in line for line in failed), r.stdout
+    assert "Traceback" not in r.stderr and "failed with" not in r.stderr, r.stderr
+    assert "2 trials failed in a row (as many as the 2 trials this run was asked for" in r.stderr
+    study = optuna.load_study(study_name="jf", storage=f"sqlite:///{tmp_path}/runs/jf/study.db")
+    assert len(study.trials) == 2
