@@ -139,8 +139,10 @@ def print_run_end(s: Session, console: Console) -> None:
     pareto = s.run_dir / "pareto" / "pareto.json"
     if cfg.export.enabled and best.is_file():
         try:
-            line = _held_out_line(json.loads(best.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError):
+            scores = json.loads(best.read_text(encoding="utf-8"))
+            # The export's comparison table (printed before this) already shows the held-out scores.
+            line = None if scores.get("comparison") else _held_out_line(scores)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             line = None
         if line:
             console.print(escape(line))

@@ -108,3 +108,15 @@ def test_the_end_of_a_run_says_where_the_results_are(tmp_path):
     assert f"scores:    {best / 'scores.json'}" in text
     assert f"report:    {sys.executable} -m optimizer.report study_name=s run_root={tmp_path}" in text
     assert f"dashboard: {tool('optuna-dashboard')} sqlite:///{(s.run_dir / 'study.db').resolve()} --artifact-dir" in text
+
+
+def test_no_second_held_out_line_when_the_export_prints_its_comparison(tmp_path):
+    s = session(tmp_path, run_root=str(tmp_path))
+    (s.run_dir / "best").mkdir(parents=True)
+    (s.run_dir / "best" / "scores.json").write_text(json.dumps({
+        "best": {"trial": 3, "search": {"objective": 0.7}, "heldout": {"objective": 0.6}},
+        "comparison": {"rows": []}}))
+    console = Console(record=True, width=400)
+    print_run_end(s, console)
+    text = console.export_text()
+    assert "held-out:" not in text and "scores:    " in text and "report:    " in text
