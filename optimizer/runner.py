@@ -42,17 +42,28 @@ from optimizer.study import (
 
 
 def item_reporter(s: Session, trial: optuna.Trial) -> Callable[[str, int, float], None] | None:
-    """Report each scored item as one step (fixed order per study) and prune once per chunk."""
+    """Report scored items (fixed order per study) and ask the pruner once per chunk.
+
+    WilcoxonPruner compares item scores: each item is one step. Every other Optuna pruner (median,
+    percentile, ...) reads intermediate values as a learning curve and takes its best value so far, which a
+    single lucky item would dominate: it gets the running mean of the items at each chunk's end, the step
+    being the number of items scored.
+    """
     if s.cfg.pruner.name == "none":
         return None
     every = max(int(s.evaluator.chunk_size), 1)
-    step = 0
+    per_item = isinstance(trial.study.pruner, optuna.pruners.WilcoxonPruner)
+    step, total = 0, 0.0
     started = time.perf_counter()
 
     def on_item(task: str, index: int, value: float) -> None:
-        nonlocal step
-        trial.report(float(value), step)
+        nonlocal step, total
+        total += float(value)
+        if per_item:
+            trial.report(float(value), step)
         step += 1
+        if step % every == 0 and not per_item:
+            trial.report(total / step, step)
         if step % every == 0 and trial.should_prune():
             s.timings["pruned_at"].append(step)
             trial.set_user_attr("pruned_after_items", step)
