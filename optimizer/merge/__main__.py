@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m optimizer.merge",
                                  description="Apply a mergekit-style YAML recipe with merge-optimizer's kernels "
                                              "and write a loadable Hugging Face model folder.")
-    ap.add_argument("recipe", help="mergekit-style YAML (models: or slices: form)")
+    ap.add_argument("recipe", help="mergekit-style YAML (models: or slices: form, frankenmerges included)")
     ap.add_argument("out_dir", help="output folder (config, safetensors shards, tokenizer, recipe.yaml)")
     ap.add_argument("--seed", type=int, help="seed of random masks (default: the recipe's merge_optimizer.seed "
                                              "or random_seed, else 0)")
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-policy", choices=["error", "truncate_to_base"],
                     help="models whose vocabularies differ in size (default: the recipe's, else error)")
     ap.add_argument("--allow-pickle", action="store_true", help="accept .bin checkpoints (weights_only)")
+    ap.add_argument("--precision", choices=["float32", "storage"],
+                    help="arithmetic: float32 (default; the recipe's merge_optimizer.precision if set) or storage "
+                         "(the storage dtype, op by op as mergekit: bf16 merges match mergekit's)")
     ap.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9, help="output shard size (5GB)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = ap.parse_args(argv)
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         merge_recipe(args.recipe, args.out_dir, seed=args.seed, trial=args.trial, device=args.device,
                      vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
-                     max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+                     max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                     precision=args.precision)
     except UserError as e:
         fail(str(e))
     return 0

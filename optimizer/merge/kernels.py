@@ -37,9 +37,17 @@ import torch
 
 from optimizer.merge import sparsify as sp
 from optimizer.merge.task_arithmetic import gta_kernel, task_arithmetic
-from optimizer.merge.tensor_ops import add_, check_finite, check_inputs, finish_out, out_buffer, weighted_sum
+from optimizer.merge.tensor_ops import (
+    add_,
+    check_inputs,
+    finish,
+    finish_out,
+    out_buffer,
+    precision,
+    weighted_sum,
+)
 
-__all__ = ["add_", "check_finite", "gta_kernel", "linear_kernel", "model_stock_kernel", "model_stock_ratio",
+__all__ = ["add_", "gta_kernel", "linear_kernel", "model_stock_kernel", "model_stock_ratio", "passthrough_kernel",
            "slerp", "slerp_coefs", "slerp_kernel", "task_arithmetic", "weighted_sum"]
 Tensor = torch.Tensor
 
@@ -119,6 +127,8 @@ def model_stock_kernel(base, deltas, model_params, global_params, *, generator=N
     if n < 2:
         raise ValueError(f"model_stock needs at least 2 models besides the base, got {n} for {name!r}")
     check_inputs(base, deltas, [], name)
+    if precision(global_params) == "storage":
+        return finish(_model_stock_storage(base, deltas, bool(global_params.get("filter_wise", 0.0))), base, out)
     if not bool(global_params.get("filter_wise", 0.0)) or base.dim() < 2:
         gram = torch.zeros(n, n, dtype=torch.float64, device=base.device)
         flats = [d.reshape(-1) for d in deltas]
@@ -140,3 +150,32 @@ def _model_stock_rows(base: Tensor, deltas: Sequence[Tensor], out: Tensor | None
         t = model_stock_ratio(m @ m.transpose(1, 2), n)  # (rows,)
         rows_o[r0:r1] = rows_b[r0:r1].float() + m.sum(1).mul_((t / n).unsqueeze(-1))
     return finish_out(target, flat_out)
+
+
+def _model_stock_storage(base: Tensor, deltas: Sequence[Tensor], filter_wise: bool) -> Tensor:
+    """Model Stock in the tensors' dtype, op by op as mergekit (``precision: storage``)."""
+    w0 = base.unsqueeze(0) if filter_wise and base.dim() == 1 else base if filter_wise else base.reshape(-1)
+    ws = [(base + d).reshape(w0.shape) for d in deltas]
+    offs = [w - w0 for w in ws]
+    cos = []
+    for i, a in enumerate(offs):
+        for b in offs[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(base.shape)
+
+
+def passthrough_kernel(base, deltas, model_params, global_params, *, generator=None, out=None, name=""):
+    """Passthrough: the one model's tensor, times its ``scale`` (frankenmerge slices; mergekit semantics)."""
+    if len(deltas) != 1:
+        raise ValueError(f"passthrough takes exactly one model per slice, got {len(deltas)} for {name!r}")
+    check_inputs(base, deltas, [model_params.get("scale")], name)
+    scale = float(model_params.get("scale", [1.0])[0])
+    if precision(global_params) == "storage":
+        return finish((base + deltas[0]) * scale, base, out)
+    return weighted_sum(base, scale, deltas, [scale], out)

@@ -5,13 +5,14 @@ one tensor at a time: the base's tensor, each model's tensor (turned into a task
 holds it, see ``optimizer.models.load_tensor_set``), the kernel's result, streamed into safetensors shards
 (``optimizer.merge.writer``). Memory is a few tensors, never several models.
 
-Recipe semantics are mergekit's (``optimizer.merge.recipe``; resolution and checks in
-``optimizer.merge.recipe_inputs``), plus the ``merge_optimizer`` key that mergekit ignores: seed, trial and
-device of random masks (seeded per tensor with ``seed_for(seed, trial, name)``, as a study's trial is), a
-chat-vector ``target``, linear's ``base``, ``rescale: inverse_density`` and ``vocab_policy``.
+Recipe semantics are mergekit's (``optimizer.merge.recipe``: schema, slice layout, resolution), plus the
+``merge_optimizer`` key that mergekit ignores: seed, trial and device of random masks (seeded per tensor with
+``seed_for(seed, trial, name)``, as a study's trial is), a chat-vector ``target``, the ``base`` reference of
+methods without one, ``rescale: inverse_density``, ``vocab_policy`` and ``precision``.
 
-The output folder holds config.json (the anchor's, dtype updated), generation_config.json, the tokenizer files
-(of ``tokenizer_source``, else of the model the result is built on), the weights and the recipe.
+The output folder holds config.json (the anchor's, dtype and layer count updated: frankenmerges have the
+slices' total), generation_config.json, the tokenizer files (of ``tokenizer_source``, else of the model the
+result is built on), the weights and the recipe.
 
 Example:
     >>> merge_recipe("best/recipe.yaml", "merged/")  # doctest: +SKIP
@@ -30,20 +31,21 @@ from typing import Any
 import torch
 
 from optimizer import UserError
-from optimizer.merge.recipe_inputs import Inputs, layer_of, load_recipe, resolve, tensor_params
+from optimizer.checkpoint import Checkpoint
+from optimizer.merge.recipe.inputs import Inputs, load_recipe, resolve, tensor_params
+from optimizer.merge.recipe.layout import Job, Tap, output_config
 from optimizer.merge.sparsify import seed_for
 from optimizer.merge.writer import ShardWriter
 from optimizer.models import load_tensor_set, pick_device
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def merge_recipe(recipe_path: str | Path, out_dir: str | Path, *, seed: int | None = None,
                  trial: int | None = None, device: str | None = None, vocab_policy: str | None = None,
                  allow_pickle: bool = False, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
-                 log: Any = None) -> Path:
+                 precision: str | None = None, log: Any = None) -> Path:
     """Apply the recipe at `recipe_path` and write the merged model to `out_dir`.
 
     Args:
@@ -56,27 +58,25 @@ def merge_recipe(recipe_path: str | Path, out_dir: str | Path, *, seed: int | No
         allow_pickle: accept `.bin` checkpoints.
         max_shard_bytes: output shard size.
         overwrite: replace a non-empty `out_dir`.
+        precision: "float32" (default) or "storage" (compute in the storage dtype, as mergekit).
         log: callable for progress lines (default: stderr).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     recipe, raw = load_recipe(recipe_path)
-    inp = resolve(recipe, raw, seed=seed, trial=trial, vocab_policy=vocab_policy, allow_pickle=allow_pickle)
+    inp = resolve(recipe, raw, seed=seed, trial=trial, vocab_policy=vocab_policy, allow_pickle=allow_pickle,
+                  precision=precision)
     out = _check_out_dir(Path(out_dir), inp, overwrite)
-    if not (Path(inp.target.path) / "config.json").exists():
-        raise UserError(f"{inp.target.what}={inp.target.ref!r} has no config.json; the merged folder needs the "
+    if not (Path(inp.anchor.path) / "config.json").exists():
+        raise UserError(f"{inp.anchor.what}={inp.anchor.ref!r} has no config.json; the merged folder needs the "
                         "architecture of the model it is built on.")
     dev = _device(device, inp, log)
-    infos = inp.target.infos()
-    names = list(infos)
-    layers = {n: layer_of(n) for n in names}
-    n_layers = _num_layers(inp.target.path, layers)
-    params = {n: tensor_params(inp, n, layers[n], n_layers) for n in names if infos[n].dtype.is_floating_point}
+    params = {j.name: tensor_params(inp, j) for j in inp.jobs if j.info.dtype.is_floating_point}
     if inp.method.stochastic:
         log(f"random masks: seed {inp.seed}, trial {inp.trial} (per tensor: seed_for(seed, trial, name)) on {dev}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_weights(inp, tmp, infos, params, dev, max_shard_bytes, log)
+        _write_weights(inp, tmp, params, dev, max_shard_bytes, log)
         _write_side_files(inp, tmp, Path(recipe_path))
         if out.is_dir():
             shutil.rmtree(out)
@@ -85,7 +85,7 @@ def merge_recipe(recipe_path: str | Path, out_dir: str | Path, *, seed: int | No
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"{inp.method.name} merge of {len(inp.experts)} models written to {out}")
+    log(f"{inp.method.name} merge of {len(inp.recipe.models)} models written to {out}")
     return out
 
 
@@ -108,55 +108,76 @@ def _device(requested: str | None, inp: Inputs, log: Any) -> torch.device:
 
 def _check_out_dir(out: Path, inp: Inputs, overwrite: bool) -> Path:
     out = out.expanduser().resolve()
-    for ckpt in [inp.base, inp.target, *inp.experts]:
-        if out == Path(ckpt.path).resolve():
-            raise UserError(f"OUT_DIR {str(out)!r} is the folder of input model {ckpt.ref!r}; choose another one.")
+    inputs = [(c.ref, Path(c.path)) for c in [*inp.ckpts.values(), *([inp.target] if inp.target else [])]]
+    for ref, path in [*inputs, *([("tokenizer_source", inp.tokenizer)] if inp.tokenizer else [])]:
+        src = path.resolve()
+        if out == src or out in src.parents or src in out.parents:  # --overwrite would delete an input
+            how = "is" if out == src else "contains" if out in src.parents else "is inside"
+            raise UserError(f"OUT_DIR {str(out)!r} {how} the folder of input model {ref!r} ({str(src)!r}); "
+                            "choose an OUT_DIR outside every input.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"OUT_DIR {str(out)!r} exists and is not empty; pass --overwrite to replace it.")
     return out
 
 
-def _num_layers(path: Path, layers: Mapping[str, int | None]) -> int:
-    """Decoder layers (mergekit's gradients run over them): config.json's count, else the tensor names'."""
-    try:
-        n = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
-    except (OSError, ValueError):
-        n = None
-    return int(n) if n else max((i for i in layers.values() if i is not None), default=0) + 1
+class _Tapped:
+    """A checkpoint read through one tensor name (a slice's source layer), for ``load_tensor_set``."""
+
+    def __init__(self, ckpt: Checkpoint, name: str):
+        self.ckpt, self.name = ckpt, name
+        self.what, self.ref, self.path = ckpt.what, ckpt.ref, ckpt.path
+
+    def tensor(self, _name: str) -> torch.Tensor:
+        return self.ckpt.tensor(self.name)
 
 
-def _write_weights(inp: Inputs, dest: Path, infos: Mapping[str, Any], params: Mapping[str, Any],
-                   dev: torch.device, max_shard_bytes: int, log: Any) -> None:
-    """Merge and stream every tensor, in the anchor's order; non-float tensors are copied from the anchor."""
-    entries = [(n, tuple(i.shape), inp.out_dtype if n in params else i.dtype) for n, i in infos.items()]
+def _tensors(inp: Inputs, job: Job, dev: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The job's anchor and task vectors, exactly as a study holds them (``load_tensor_set``)."""
+    def view(tap: Tap) -> Any:
+        ckpt = inp.ckpts[tap.model]
+        return ckpt if tap.name == job.name else _Tapped(ckpt, tap.name)
+
+    base = view(job.ref)
+    return load_tensor_set(job.name, base, inp.target or base, [view(t) for t in job.inputs], dev, inp.dtype)
+
+
+def _write_weights(inp: Inputs, dest: Path, params: Mapping[str, Any], dev: torch.device, max_shard_bytes: int,
+                   log: Any) -> None:
+    """Merge and stream every output tensor in layout order; non-float tensors are copied from the reference."""
+    infos = inp.target.infos() if inp.target else {}
+    shapes = {j.name: tuple((infos.get(j.name) or j.info).shape) for j in inp.jobs}
+    entries = [(j.name, shapes[j.name], inp.out_dtype if j.name in params else j.info.dtype) for j in inp.jobs]
     writer = ShardWriter(dest, entries, max_shard_bytes)
-    step = max(1, len(infos) // 10)
-    for i, name in enumerate(infos):
+    step = max(1, len(inp.jobs) // 10)
+    for i, job in enumerate(inp.jobs):
         if i and i % step == 0:
-            log(f"  {i}/{len(infos)} tensors merged")
-        if name not in params:
-            writer.write(name, inp.target.tensor(name))
+            log(f"  {i}/{len(inp.jobs)} tensors merged")
+        if job.name not in params:
+            writer.write(job.name, (inp.target or inp.ckpts[job.ref.model]).tensor(
+                job.name if inp.target else job.ref.name))
             continue
-        anchor, deltas = load_tensor_set(name, inp.base, inp.target, inp.experts, dev, inp.dtype)
+        anchor, deltas = _tensors(inp, job, dev)
         gen = None
         if inp.method.stochastic:  # exactly as optimizer.merge.apply.Applier seeds a trial
             gen = torch.Generator(device=dev)
-            gen.manual_seed(seed_for(inp.seed, inp.trial, name))
-        mp, gp = params[name]
+            gen.manual_seed(seed_for(inp.seed, inp.trial, job.name))
+        mp, gp = params[job.name]
         try:
-            merged = inp.method.fn(anchor, deltas, mp, gp, generator=gen, name=name)
+            merged = inp.method.fn(anchor, deltas, mp, gp, generator=gen, name=job.name)
         except ValueError as e:
-            raise UserError(f"cannot merge tensor {name!r}: {e}.") from None
-        writer.write(name, merged.to(inp.out_dtype))
+            raise UserError(f"cannot merge tensor {job.name!r}: {e}.") from None
+        writer.write(job.name, merged.to(inp.out_dtype))
         del anchor, deltas, merged
     writer.close()
 
 
 def _write_side_files(inp: Inputs, dest: Path, recipe_path: Path) -> None:
     """config.json (dtype updated), generation config, tokenizer files and the recipe itself."""
-    src = Path(inp.target.path)
+    src = Path(inp.anchor.path)
     config = json.loads((src / "config.json").read_text())
-    dtype_name = _DTYPE_NAMES.get(inp.out_dtype, str(inp.out_dtype).removeprefix("torch."))
+    if inp.recipe.form == "slices":
+        config = output_config(config, inp.jobs, {m: c.path for m, c in inp.ckpts.items()})
+    dtype_name = str(inp.out_dtype).removeprefix("torch.")
     for key in ("dtype", "torch_dtype"):
         if key in config or key == "dtype":
             config[key] = dtype_name

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 import torch
 
 from optimizer.merge import sparsify as sp
-from optimizer.merge.tensor_ops import add_, check_inputs, finish_out, out_buffer, weighted_sum
+from optimizer.merge.tensor_ops import (
+    add_,
+    check_inputs,
+    finish,
+    finish_out,
+    out_buffer,
+    precision,
+    weighted_sum,
+)
 
 Tensor = torch.Tensor
 _RESCALE = {0: None, 1: "l1", 2: "inverse_density", "none": None, "l1": "l1",
@@ -92,7 +100,8 @@ def task_arithmetic(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[fl
                     sparsify: str | None = None, consensus: str | None = None, normalize: bool = False,
                     lambda_: float = 1.0, densities: Sequence[float] | None = None,
                     gammas: Sequence[float] | None = None, epsilon: float = 0.1, rescale: str | None = None,
-                    generator: torch.Generator | None = None, out: Tensor | None = None, name: str = "") -> Tensor:
+                    generator: torch.Generator | None = None, out: Tensor | None = None, name: str = "",
+                    storage: bool = False) -> Tensor:
     """Generalized task arithmetic: sparsify each delta, scale by its weight, optional sign consensus,
     optional normalisation, times lambda, added to base. TIES/DARE/breadcrumbs/DELLA are presets of this.
 
@@ -110,6 +119,7 @@ def task_arithmetic(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[fl
         generator: random source for "random"/"della".
         out: optional destination.
         name: tensor name for error messages.
+        storage: compute in the tensors' dtype op by op as mergekit (``precision: storage``) instead of float32.
     """
     w = [float(x) for x in weights]
     n = len(deltas)
@@ -119,6 +129,10 @@ def task_arithmetic(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[fl
                          "use normalize=False for task negation")
     dens = list(densities) if densities is not None else [1.0] * n
     gams = list(gammas) if gammas is not None else [0.0] * n
+    if storage:
+        masked = [_storage_term(d, sparsify, dens[i], gams[i], epsilon, rescale, generator)
+                  for i, d in enumerate(deltas)]
+        return finish(_storage_mix(base, masked, w, consensus, normalize, lambda_), base, out)
     terms = [_term(d, w[i], sparsify, dens[i], gams[i], epsilon, rescale, generator) for i, d in enumerate(deltas)]
     if consensus is None:
         total = sum(w)
@@ -197,7 +211,7 @@ def gta_kernel(base, deltas, model_params, global_params, *, sparsify=None, cons
         normalize=bool(g.get("normalize", 0.0)), lambda_=float(g.get("lambda", 1.0)),
         densities=model_params.get("density"), gammas=model_params.get("gamma"),
         epsilon=float(g.get("epsilon", 0.1)), rescale=_rescale_mode(g.get("rescale", 0.0)),
-        generator=generator, out=out, name=name)
+        generator=generator, out=out, name=name, storage=precision(g) == "storage")
 
 
 def _rescale_mode(value) -> str | None:
@@ -207,3 +221,65 @@ def _rescale_mode(value) -> str | None:
     if key not in _RESCALE:
         raise ValueError(f"rescale must be 0/none, 1/l1 or 2/inverse_density, got {value!r}")
     return _RESCALE[key]
+
+
+# --- precision: storage (mergekit's arithmetic in the tensors' own dtype) --------------------------------------
+def _storage_term(delta: Tensor, sparsify: str | None, density: float, gamma: float, epsilon: float,
+                  rescale: str | None, generator: torch.Generator | None) -> Tensor:
+    """One model's sparsified task vector in its dtype, as mergekit's ``sparsify`` (its argsort tie order;
+    the random masks are this module's, drawn in the same order as the float32 path)."""
+    if sparsify is None or density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    n, flat = delta.numel(), delta.reshape(-1)
+    gain = None
+    if sparsify == "magnitude":
+        mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        mask[torch.argsort(flat.abs().float(), descending=True)[: max(1, int(density * n))]] = 1
+    elif sparsify == "breadcrumbs":
+        target, n_top = int(density * n), int(gamma * n)
+        lo = max(0, n - target - n_top)
+        mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        mask[torch.sort(flat.abs().float()).indices[lo: lo + target]] = 1
+    elif generator is None:
+        raise ValueError(f"sparsify={sparsify!r} needs a torch.Generator (see sparsify.seed_for)")
+    elif sparsify == "random":
+        mask = sp.random_mask(delta, density, generator).reshape(-1).to(delta.dtype)
+    else:
+        g = sp.della_mask(delta, density, epsilon, generator, gain=rescale == "inverse_density").reshape(-1)
+        mask, gain = (g != 0).to(delta.dtype), (g.to(delta.dtype) if rescale == "inverse_density" else None)
+    masked = flat * mask
+    if gain is not None:
+        masked = flat * gain
+    elif rescale == "l1":
+        before, after = flat.abs().sum(), masked.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            masked = masked * (before / after)
+    elif rescale == "inverse_density":
+        masked = masked / density
+    return masked.view(delta.shape)
+
+
+def _storage_mix(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], consensus: str | None,
+                 normalize: bool, lambda_: float) -> Tensor:
+    """mergekit's GeneralizedTaskArithmeticMerge combination, op by op in the base's dtype."""
+    if not deltas:
+        return base
+    d = torch.stack([x.to(base.dtype) for x in deltas])
+    w = torch.tensor(weights, dtype=d.dtype, device=d.device).view(-1, *[1] * base.dim())
+    d = d * w
+    if consensus is not None:
+        sign = d.sign()
+        key = d.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
+        agree = sign == ((key >= 0).to(d.dtype) * 2 - 1)
+        mixed, divisor = (d * agree).sum(dim=0), (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = d.sum(dim=0), w.sum(dim=0).expand_as(base).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed

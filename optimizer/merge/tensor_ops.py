@@ -1,28 +1,28 @@
-"""Shared tensor plumbing of the merge kernels: input checks, chunked fused weighted sums, output buffers.
+"""Shared tensor plumbing of the merge kernels: input checks, chunked fused weighted sums, output buffers, the
+working precision of whole-tensor kernels, and a per-tensor memo for trial-independent work.
 
-Everything works chunk by chunk (``sparsify.CHUNK`` elements) in float32 and writes in the output's dtype, so a
-kernel holds about one chunk of temporaries per model.
+The chunked kernels work chunk by chunk (``sparsify.CHUNK`` elements) in float32 and write in the output's
+dtype, so a kernel holds about one chunk of temporaries per model.
+
+Precision policy (one place): kernels compute in float32 (float64 inputs stay float64) whatever the storage
+dtype, and round once when writing the result. ``precision: storage`` (a global option; recipe key
+``merge_optimizer.precision``, ``python -m optimizer.merge --precision storage``) instead computes in the
+tensors' own dtype, op by op as mergekit does for its group kernels (task arithmetic family, model_stock and
+the methods of ``spherical``/``selective``), so bf16 merges agree with mergekit's bf16 output; mergekit's
+linear and slerp work in float32 themselves, so there the option changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from optimizer.merge import sparsify as sp
 
 Tensor = torch.Tensor
-
-
-def check_finite(name: str, tensor: Tensor, model: str) -> None:
-    """Raise ValueError naming ``model`` and tensor ``name`` if ``tensor`` holds NaN or inf."""
-    flat = tensor.reshape(-1)
-    for start, stop in sp.chunks(flat.numel()):
-        bad = int(torch.count_nonzero(~torch.isfinite(flat[start:stop])))
-        if bad:
-            raise ValueError(f"tensor {name!r} of model {model!r} has non-finite values (NaN/inf), "
-                             f"first bad chunk at element {start}: {bad} values")
 
 
 def check_inputs(base: Tensor, deltas: Sequence[Tensor], n_params: Sequence[Sequence[float]], name: str):
@@ -92,3 +92,52 @@ def add_(acc: Tensor, d: Tensor, alpha: float, scratch: Tensor) -> Tensor:
     if d.dtype != acc.dtype:
         d = scratch[: d.numel()].copy_(d)
     return acc.add_(d, alpha=alpha)
+
+
+PRECISIONS = ("float32", "storage")
+
+
+def precision(global_params) -> str:
+    """The ``precision`` option of a call ("float32" unless the plan or recipe says "storage")."""
+    value = global_params.get("precision", "float32") if global_params else "float32"
+    if value not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+    return value
+
+
+def work_dtype(t: Tensor, global_params) -> torch.dtype:
+    """The dtype whole-tensor kernels compute in (see the precision policy above)."""
+    if precision(global_params) == "storage":
+        return t.dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def finish(result: Tensor, base: Tensor, out: Tensor | None) -> Tensor:
+    """Write a whole-tensor kernel's result: into ``out`` (any dtype, may alias base), else a new tensor in the
+    base's dtype."""
+    if out is None:
+        return result.to(base.dtype)
+    if out.shape != base.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(base.shape)}")
+    return out.copy_(result)
+
+
+_MEMO: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], Any]] = {}
+
+
+def memoised(tensors: Sequence[Tensor], key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per (tensor objects, their versions, ``key``).
+
+    Trial-independent work on resident tensors (SVDs of task vectors, histograms of |delta|) is done on
+    first use and reused by every later trial; an in-place change of a tensor invalidates its entries and the
+    entry is dropped when a tensor is freed. The value must not reference the tensors themselves.
+    """
+    k = (tuple(id(t) for t in tensors), key)
+    versions = tuple(t._version for t in tensors)
+    hit = _MEMO.get(k)
+    if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors, strict=True)):
+        return hit[2]
+    value = compute()
+    refs = tuple(weakref.ref(t, lambda _, k=k: _MEMO.pop(k, None)) for t in tensors)
+    _MEMO[k] = (refs, versions, value)
+    return value

@@ -126,3 +126,114 @@ def model_stock(base, deltas, filter_wise=False):
     n = len(ws)
     t = n * c / (1 + (n - 1) * c)
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
+
+
+# --- mergekit 0.1.5's newer methods, full-tensor transcriptions (float32 as mergekit computes fp32 inputs) ---
+def passthrough(base, delta, scale):
+    return (base.double() + delta.double()) * scale
+
+
+def nuslerp(t, v0, v1, flatten=True, row_wise=False):
+    """mergekit's nuslerp: flattened (default) or per row (dim -1) / per column (row_wise, dim 0)."""
+    v0, v1 = v0.double(), v1.double()
+    if flatten:
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif row_wise:
+        a, b = v0.T.reshape(v0.shape[-1], -1), v1.T.reshape(v1.shape[-1], -1)
+    else:
+        a, b = v0.reshape(-1, v0.shape[-1]), v1.reshape(-1, v1.shape[-1])
+    out = torch.empty_like(a)
+    for i in range(a.shape[0]):
+        x, y = a[i], b[i]
+        cos = float((x / x.norm().clamp(min=1e-7) * (y / y.norm().clamp(min=1e-7))).sum().clamp(-1, 1))
+        if 1 - cos * cos <= 1e-16:
+            out[i] = (1 - t) * x + t * y
+        else:
+            th = math.acos(cos)
+            out[i] = (math.sin((1 - t) * th) * x + math.sin(t * th) * y) / math.sin(th)
+    if flatten:
+        return out.reshape(v0.shape)
+    return out.reshape(v0.shape[-1], -1).T.reshape(v0.shape) if row_wise else out.reshape(v0.shape)
+
+
+def multislerp(vs, weights, eps=1e-8):
+    """Barycentric interpolation on the sphere: tangent space at the weighted mean of unit vectors."""
+    flat = [v.double().reshape(-1) for v in vs]
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    norms = torch.stack([f.norm() for f in flat])
+    units = [f / (n + eps) for f, n in zip(flat, norms, strict=True)]
+    mean = sum(wi * u for wi, u in zip(w, units, strict=True))
+    mean = mean / mean.norm()
+    tangent = sum(wi * (u - (u @ mean) * mean) for wi, u in zip(w, units, strict=True))
+    tn = tangent.norm() + eps
+    res = mean * torch.cos(tn) + tangent * torch.sin(tn) / tn
+    return (res * (norms * w).sum()).reshape(vs[0].shape)
+
+
+def karcher(thetas, max_iter=10, tol=1e-5):
+    """Uniform Karcher mean on the unit sphere by fixed-point iteration, times the mean norm."""
+    flat = [t.double().reshape(-1) for t in thetas]
+    norms = [float(f.norm()) for f in flat]
+    units = [f / n for f, n in zip(flat, norms, strict=True) if n > tol]
+    mean = sum(units) / len(units)
+    mean = mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            c = float((mean @ u).clamp(-1, 1))
+            th = math.acos(c)
+            if th >= tol:
+                tangent += (th / math.sin(th)) * (u - c * mean) / len(units)
+        tn = float(tangent.norm())
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * tangent / tn
+        mean = mean / mean.norm()
+    return (sum(norms) / len(norms) * mean).reshape(thetas[0].shape)
+
+
+def sce(base, deltas, topk):
+    tv = torch.stack([d.float() for d in deltas])
+    if topk < 1:
+        var = tv.var(dim=0, unbiased=False).reshape(-1)
+        k = int(int((var != 0).sum()) * topk)
+        mask = torch.zeros_like(var)
+        mask[torch.sort(var, descending=True, stable=True).indices[:k]] = 1
+        tv = tv * mask.view(base.shape)
+    majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0)
+    agree = (tv.sign() == majority).float()
+    w = tv.square().reshape(len(deltas), -1).mean(1)
+    w = w / w.sum()
+    ew = w.view(-1, *[1] * base.dim()) * agree
+    return base.double() + ((tv * ew).sum(0) / ew.sum(0).clamp(min=1e-6)).double()
+
+
+def nearswap(base, delta, t):
+    w = (t / delta.double().abs().clamp(min=1e-6)).clamp(0, 1)
+    return base.double() + w * delta.double()
+
+
+def arcee_fusion(base, delta):
+    b, theta = base.float(), base.float() + delta.float()
+    p, q = torch.softmax(theta, -1) + 1e-8, torch.softmax(b, -1) + 1e-8
+    imp = (theta - b).abs() * (p * (p / q).log()).sum(-1, keepdim=True)
+    s = torch.sort(imp.reshape(-1)).values
+    q1, med, q3 = (s[int(torch.tensor(v) * (s.numel() - 1))] for v in (0.25, 0.5, 0.75))
+    return b.double() + ((theta - b) * (imp >= med + 1.5 * (q3 - q1))).double()
+
+
+def ram(base, deltas, epsilon, r=None, alpha=None):
+    """RAM (r None) or RAM+ tensor-local, element by element in float64."""
+    tv = torch.stack([d.double().reshape(-1) for d in deltas])
+    nz = tv.abs() > epsilon
+    count = nz.sum(0)
+    out = torch.zeros(tv.shape[1], dtype=torch.float64)
+    for i in range(len(deltas)):
+        gain = 1.0
+        if r is not None:
+            shared, unique = int((nz[i] & (count > 1)).sum()), int((nz[i] & (count == 1)).sum())
+            gain = 1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha)
+        out += torch.where(nz[i] & (count == 1), gain * tv[i], 0.0)
+        out += torch.where(nz[i] & (count > 1), tv[i] / count.clamp(min=1), 0.0)
+    return base.double() + out.view(base.shape)

@@ -162,8 +162,15 @@ def bad_cases(tm, odd):
         ({"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5},
           "models": [{"model": str(tm["a"])}, {"model": str(tm["b"])}]}, "at most 1"),
         ({"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5},
-          "slices": [{"sources": [{"model": str(tm[k]), "layer_range": [0, 2]} for k in ("base", "a")]}]},
-         "full layer ranges"),
+          "slices": [{"sources": [{"model": str(tm[k]), "layer_range": [1, 4]} for k in ("base", "a")]}]},
+         "has no layer 3 (it has 3 layers)"),
+        ({"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5},
+          "slices": [{"sources": [{"model": str(tm[k]), "layer_range": [0, 2]} for k in ("a", "b")]}]},
+         "does not list base_model"),
+        ({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(tm[k]), "layer_range": [0, 2]}
+                                                                 for k in ("a", "b")]}]}, "at most 1"),
+        ({"merge_method": "ties", "base_model": base, "models": [{"model": str(tm["a"])}],
+          "merge_optimizer": {"precision": "half"}}, "precision='half' is unknown"),
         ({"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": str(tm["a"])}]},
          "sets no 'weight'"),
         ({**ties(tm), "base_model": "nobody/nothing"}, "HF_HUB_OFFLINE"),
@@ -235,3 +242,41 @@ def test_vocab_rows_semantics(tiny_models, odd_models, tmp_path):
     ms = ModelSet(OmegaConf.merge(OmegaConf.structured(ModelsConfig), cfg | {"vocab_policy": "truncate_to_base"}))
     res = ms.load_resident(torch.device("cpu"))
     assert res.deltas[E][0].shape == base[E].shape
+
+
+def test_frankenmerge_loads_with_its_layer_count(tiny_models, tmp_path):
+    """Passthrough slices (3 layers of a, then layers 1-2 of b): a 5-layer model whose layers are the sources'
+    layers, embeddings from the first slice's model, final norm and lm_head from the last slice's."""
+    from transformers import AutoModelForCausalLM
+
+    doc = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": str(tiny_models["a"]), "layer_range": [0, 3]}]},
+                      {"sources": [{"model": str(tiny_models["b"]), "layer_range": [1, 3],
+                                    "parameters": {"scale": 0.5}}]}]}
+    assert main([write(tmp_path, doc), str(tmp_path / "out")]) == 0
+    out = weights(tmp_path / "out")
+    a, b = (load_file(str(tiny_models[k] / "model.safetensors")) for k in ("a", "b"))
+    assert torch.equal(out[UP.format(2)], a[UP.format(2)])
+    torch.testing.assert_close(out[UP.format(3)], 0.5 * b[UP.format(1)], rtol=0, atol=0)
+    assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    torch.testing.assert_close(out["lm_head.weight"], 0.5 * b["lm_head.weight"], rtol=0, atol=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 5 and len(model.model.layers) == 5
+    assert set(dict(model.named_parameters())) == set(out)
+    ids = torch.tensor([[1, 5, 6]])
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+def test_output_config_takes_per_layer_lists_from_the_sources(tmp_path):
+    from optimizer.checkpoint import TensorInfo
+    from optimizer.merge.recipe.layout import Job, Tap, output_config
+
+    for m, types in {"x": ["full", "sliding", "full"], "y": ["sliding", "sliding", "full"]}.items():
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "config.json").write_text(json.dumps({"layer_types": types, "num_hidden_layers": 3}))
+    info = TensorInfo("w", (1,), torch.float32)
+    jobs = [Job(f"model.layers.{i}.w", 0, 0.0, Tap(m, f"model.layers.{j}.w"), (), info)
+            for i, (m, j) in enumerate([("x", 0), ("x", 1), ("y", 2), ("y", 0)])]
+    cfg = output_config({"layer_types": ["full"] * 3, "num_hidden_layers": 3}, jobs,
+                        {m: tmp_path / m for m in ("x", "y")})
+    assert cfg == {"num_hidden_layers": 4, "layer_types": ["full", "sliding", "full", "sliding"]}

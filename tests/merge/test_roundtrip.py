@@ -17,14 +17,16 @@ from safetensors.torch import load_file
 from optimizer.config import MergeConfig, ModelsConfig
 from optimizer.export.cli import export
 from optimizer.merge.apply import Applier
+from optimizer.merge.recipe import MERGEKIT_EXTENSION, plan_doc
 from optimizer.merge.registry import METHODS
 from optimizer.merge.run_recipe import merge_recipe
 from optimizer.models import ModelSet
-from optimizer.plan import MERGEKIT_EXTENSION, MergePlan
+from optimizer.plan import MergePlan
 from optimizer.runner import run
 from optimizer.space import SearchSpace, derive_layout
 
 from ..test_runner import load, make_cfg
+from . import oracle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,16 +87,11 @@ def test_a_later_trial_reproduces_and_needs_its_trial_number(study, tmp_path):
 
 def test_exported_recipe_is_accepted_by_mergekit(study, tmp_path):
     """mergekit parses and runs the recipe; for TIES it also gives the same weights (within float error)."""
-    pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
+    oracle.require()
     cfg, run_dir, _ = study
     best = run_dir / "best"
-    config = MergeConfiguration.model_validate(yaml.safe_load((best / "recipe.yaml").read_text()))
-    run_merge(config, str(tmp_path / "mk"), options=MergeOptions(quiet=True, write_model_card=False))
-    theirs, ours = weights(tmp_path / "mk"), weights(best)
+    theirs = oracle.run_mergekit(yaml.safe_load((best / "recipe.yaml").read_text()), tmp_path / "mk")
+    ours = weights(best)
     assert set(theirs) == set(ours)
     if cfg.merge.method == "ties":
         worst = max(float((theirs[k] - ours[k]).abs().max()) for k in ours)
@@ -128,13 +125,13 @@ CASES = [(m, None) for m in sorted(METHODS)] + [("dare_linear", 2.0), ("della", 
 
 @pytest.mark.parametrize("method,rescale", CASES)
 def test_every_method_plan_reapplies_bit_exactly(method, rescale, tiny_models, tmp_path):
-    """In-memory Applier (what a trial scores) == the recipe to_mergekit writes, re-applied from disk."""
+    """In-memory Applier (what a trial scores) == the recipe plan_doc writes, re-applied from disk."""
     spec = METHODS[method]
     ms, live, applier = live_setup(tiny_models, ["a", "b"][: spec.max_models or 2])
     plan = plan_for(method, ms.names, ms.tensor_names, rescale)
     applier.apply(plan, seed=5, trial=9)
-    doc = plan.to_mergekit({m: str(tiny_models[m]) for m in plan.models}, str(tiny_models["base"]), "float32",
-                           extension={"seed": 5, "trial": 9} if spec.stochastic else None)
+    doc = plan_doc(plan, {m: str(tiny_models[m]) for m in plan.models}, str(tiny_models["base"]), "float32",
+                   extension={"seed": 5, "trial": 9} if spec.stochastic else None)
     if rescale == 2.0:  # inverse-density: mergekit's nearest (L1) for mergekit, ours in the extension key
         assert doc["parameters"]["rescale"] is True and doc[MERGEKIT_EXTENSION]["rescale"] == "inverse_density"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
