@@ -37,6 +37,20 @@ def pytest_configure(config):
     config.add_cleanup(lambda: shutil.rmtree(base, ignore_errors=True))
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests are skipped, visibly (-rs), when no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible): run on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# Parametrize device-agnostic tests with this: CPU always, CUDA too (a `gpu` test) where present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
+
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)]
 
 
