@@ -40,6 +40,10 @@ class TaskSpec:
         search_metric: a continuous per-item value (`margin`, `prob`; see eval/search_metric.py) used as
             this task's trial value on the search split instead of `metric`; None: the evaluator-wide
             `search_metric`. The held-out split always reports `metric`.
+        dataset_path / dataset_kwargs: where the task's data comes from instead of its registered
+            `dataset_path` (a hub id, or a local folder in the hub dataset's layout, e.g. a JGLUE copy:
+            optimizer/zoo/jglue.py) and extra `datasets.load_dataset` arguments; prompts, few-shot and
+            metric stay the task's own.
     """
 
     name: str = "???"
@@ -50,6 +54,8 @@ class TaskSpec:
     num_fewshot: int | None = None
     limit: float | None = None
     search_metric: str | None = None
+    dataset_path: str | None = None
+    dataset_kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -65,6 +71,17 @@ class LmEvalConfig:
     shuffle: bool = False  # item order (and the subset a `limit` takes) drawn from the study seed
     allow_test_split: bool = False
     search_metric: str | None = None  # every task's default search metric (off: the task's metric)
+
+
+def dataset_location(t: TaskSpec) -> str:
+    """`dataset_path` as lm-eval gets it: a local folder made absolute (UserError if it is missing)."""
+    path = os.path.expanduser(str(t.dataset_path))
+    if path.startswith((".", "/", "~")) or os.path.isdir(path):
+        if not os.path.isdir(path):
+            raise UserError(f"evaluator.tasks: {t.name!r} has dataset_path={t.dataset_path!r}, which is not a "
+                            "folder; point it at a local copy of the dataset (see optimizer/zoo/jglue.py).")
+        return os.path.abspath(path)
+    return path
 
 
 def parse_config(node: Any) -> LmEvalConfig:
@@ -160,6 +177,10 @@ class LmEvalEvaluator:
                     spec["test_split"] = chosen
                 if t.num_fewshot is not None:
                     spec["num_fewshot"] = t.num_fewshot
+                if t.dataset_path is not None:
+                    spec["dataset_path"] = dataset_location(t)
+                if t.dataset_kwargs is not None:
+                    spec["dataset_kwargs"] = dict(t.dataset_kwargs)
                 specs.append(with_overrides(self._task_manager(), t.name, spec))
             self._tasks[split] = load_tasks(self._task_manager(), specs, f"split {split!r}")
         return self._tasks[split]
