@@ -65,7 +65,8 @@ def test_cli_report_is_the_in_process_analysis(saved):
 
 
 def test_cli_refuses_a_dense_model(zoo, capsys):
-    from optimizer.moe.routing_cli import main  # what the entry point calls (in-process: no interpreter start)
+    # what the entry point calls, in-process (an interpreter start costs more than the check)
+    from optimizer.moe.routing_cli import main
 
     (prompts := zoo["base"].parent / "p.txt").write_text("12+35=47\n")
     assert main([str(zoo["base"]), "--prompts", f"add={prompts}"]) == 2
