@@ -91,6 +91,68 @@ class SamplerConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of the search schedule (`search.stages`); stages run in order inside one study.
+
+    Args:
+        name: recorded on each of its trials (user attr `stage`) and on the study.
+        kind: `sample` (trials drawn by a sampler) or `refine` (one trial: gradient refinement of the best
+            finished trial, see `search.refine`).
+        coarse: sample stages: search fewer values first, one per group of units and model: `model` (one
+            value per model), `kind` (per model and kind of unit: embeddings, layers/attention/MLP, norms,
+            head); null: the study's own units (`mode`).
+        trials: sample stages: a share (< 1) or a number (>= 1) of the trials after the baselines; the last
+            sample stage takes the rest. Refine stages take one trial.
+        sampler: coarse stages: the sampler of the few coarse values (default `gp`); fine stages: null
+            (the `sampler` group) or another registered name.
+        sigma0: CMA-ES step of this stage, as a fraction of each parameter's range (null: sampler.kwargs).
+        kwargs: keyword arguments of this stage's sampler (fine stages: laid over sampler.kwargs).
+    """
+
+    name: str = "???"
+    kind: str = "sample"
+    coarse: str | None = None
+    trials: float = 0.0
+    sampler: str | None = None
+    sigma0: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RefineConfig:
+    """Gradient refinement of merge weights on the search split's gold answers (`kind: refine` stages).
+
+    Args:
+        steps, lr: Adam steps and learning rate (in weight units).
+        batch_items: items per step (0: every search item each step).
+        loss: `ce` (cross-entropy of the gold answers) or `entropy` (of the predictions; needs no gold).
+        limit: at most this many search items per task are used (null: all).
+    """
+
+    steps: int = 30
+    lr: float = 0.05
+    batch_items: int = 90
+    loss: str = "ce"
+    limit: int | None = None
+
+
+@dataclass
+class SearchConfig:
+    """How the trial budget is spent, after the baselines.
+
+    Args:
+        warm_start: samplers with a start point (CMA-ES) begin at the best finished trial (after the
+            baselines: the best baseline) instead of the centre of the box.
+        stages: the schedule (see StageConfig); empty = one sample stage with the `sampler` group.
+        refine: settings of refine stages.
+    """
+
+    warm_start: bool = True
+    stages: list[StageConfig] = field(default_factory=list)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+
+@dataclass
 class StorageConfig:
     """Where the study lives: `sqlite` (runs/<study>/study.db), `journal`, `postgresql`, `memory`.
 
@@ -149,6 +211,7 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     mode: ModeConfig = field(default_factory=ModeConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)

@@ -32,6 +32,11 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
         "eval_seconds_mean": _mean([t.user_attrs["eval_seconds"] for t in done if "eval_seconds" in t.user_attrs]),
         "heldout": study.user_attrs.get("heldout", {}),
     }
+    if study.user_attrs.get("comparison"):
+        out["comparison"] = study.user_attrs["comparison"]
+    stages = stage_summary(study)
+    if stages:
+        out["stages"] = stages
     if done and len(study.directions) == 1:
         best = study.best_trial
         out["best"] = {"trial": best.number, "value": best.value, "scores": best.user_attrs.get("scores", {})}
@@ -46,12 +51,60 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
     return out
 
 
+def stage_summary(study: optuna.Study) -> list[dict[str, Any]]:
+    """Per stage of the recorded search plan: its trials, the best search value in it and where it started."""
+    from optimizer.search.schedule import PLAN_ATTR, STARTS_ATTR
+
+    plan = study.user_attrs.get(PLAN_ATTR) or []
+    if not plan or len(study.directions) != 1:
+        return []
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    starts = study.user_attrs.get(STARTS_ATTR, {})
+    out = []
+    for st in plan:
+        mine = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.user_attrs.get("stage") == st["name"]]
+        best = max(mine, key=lambda t: (sign * t.value, -t.number), default=None)
+        out.append({"name": st["name"], "kind": st["kind"], "coarse": st.get("coarse"), "trials": len(mine),
+                    "best_trial": best.number if best else None, "best_value": best.value if best else None,
+                    "started_from": starts.get(st["name"])})
+    return out
+
+
+def comparison_markdown(comp: dict[str, Any]) -> list[str]:
+    """The export's bottom line as a Markdown table (the numbers of `best/scores.json`)."""
+    split = "held-out" if comp.get("split") == "heldout" else "search"
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+
+    lines = ["## Result", "", "| | model | search | held-out |", "|---|---|---|---|",
+             *[f"| {r['what']} | {r['name']} | {cell(r.get('search'))} | {cell(r.get('heldout'))} |"
+               for r in comp.get("rows", [])], ""]
+    gains = ", ".join(f"{k} **{v:+.4f}**" for k, v in (comp.get("gain") or {}).items() if v is not None)
+    if gains:
+        lines += [f"Gain of the exported trial ({split}): {gains}.", ""]
+    if comp.get("baseline_wins"):
+        lines += [f"No searched trial beat the best baseline on the {split} split: the export is that baseline.", ""]
+    return lines
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Study `{summary['study']}`", "", f"Trials: {summary['states']}", ""]
     sp = summary.get("space", {})
     if sp:
         lines += [f"Method `{sp.get('method')}`, granularity `{sp.get('granularity')}`, models {sp.get('models')}, "
                   f"{len(sp.get('params', []))} searched parameters.", ""]
+    if summary.get("comparison"):
+        lines += comparison_markdown(summary["comparison"])
+    if summary.get("stages"):
+        lines += ["## Search stages", "", "| stage | kind | trials | best trial | best (search) | started from |",
+                  "|---|---|---|---|---|---|",
+                  *[f"| {st['name']} | {st['kind']}{' ' + st['coarse'] if st.get('coarse') else ''} | {st['trials']} "
+                    f"| {st['best_trial'] if st['best_trial'] is not None else '-'} | "
+                    f"{format(st['best_value'], '.4f') if st['best_value'] is not None else '-'} | "
+                    f"{st['started_from'] if st['started_from'] is not None else '-'} |" for st in summary["stages"]],
+                  ""]
     if "best" in summary:
         b = summary["best"]
         lines += ["## Best trial (search split)", "", f"Trial {b['trial']}: **{b['value']:.4f}**", "",
@@ -81,7 +134,8 @@ def report(cfg: Any) -> int:
     from optimizer.study import build_storage, existing_study, storage_url
 
     run_dir = Path(cfg.run_root) / cfg.study_name
-    study = existing_study(build_storage(cfg.storage, run_dir), cfg.study_name)
+    storage = build_storage(cfg.storage, run_dir)
+    study = existing_study(storage, cfg.study_name)
     if study is None:
         raise UserError(f"no study {cfg.study_name!r} in {storage_url(cfg.storage, run_dir)}; check study_name, "
                         "run_root and storage.")
@@ -95,6 +149,11 @@ def report(cfg: Any) -> int:
     console.print(text)
     pictures = f" with {', '.join(plots.written)}" if plots.written else ""
     console.print(f"report written to {out / 'report.md'}{pictures}")
+    from optimizer.eval.judge.fastchat import show_result_command, write_layout
+
+    fastchat = write_layout(study, storage, run_dir)  # judge studies: answers/judgments for FastChat's tools
+    if fastchat is not None:
+        console.print(f"FastChat layout written to {fastchat}; per-trial table: {show_result_command(fastchat)}")
     return 0
 
 

@@ -26,6 +26,7 @@ from optimizer.fingerprint import check as check_fingerprint
 from optimizer.fingerprint import fingerprint
 from optimizer.progress import Progress, print_run_end
 from optimizer.recovery import Guard, Requeue, StopAtTotal, Surplus, count, has_heartbeat, recover, study_lock
+from optimizer.search.loop import run_search
 from optimizer.secrets import has_password, redact, redact_text
 from optimizer.session import Session, console, load, prepare, score
 from optimizer.study import (
@@ -182,6 +183,20 @@ def run(cfg: DictConfig) -> int:
         s.evaluator.close()
 
 
+def print_comparison(s: Session) -> None:
+    """The bottom line of the export: exported trial vs best baseline vs best expert vs base, and the gain."""
+    from rich.markup import escape
+
+    from optimizer.export.heldout import comparison_lines
+
+    try:
+        comp = json.loads((s.run_dir / "best" / "scores.json").read_text(encoding="utf-8"))["comparison"]
+    except (OSError, ValueError, KeyError):
+        return
+    for line in comparison_lines(comp):
+        console.print(escape(line))
+
+
 def disk_trouble(e: BaseException) -> bool:
     """A full or read-only disk (as the OS or SQLite reports it)."""
     if isinstance(e, OSError):
@@ -213,10 +228,14 @@ def _run(s: Session) -> int:
 
         own_heartbeat = (None if has_heartbeat(study) or cfg.storage.kind == "memory"
                          else cfg.storage.heartbeat_interval)  # the journal: Optuna has no heartbeat there
-        objective = Guard(make_objective(s, artifact_store(s.run_dir)), cfg.n_trials, own_heartbeat, recover_now)
         try:
-            study.optimize(objective, catch=(EvaluationFailed, Surplus),
-                           callbacks=[StopAtTotal(cfg.n_trials, recover_now), progress], gc_after_trial=False)
+            def optimize(stage_objective: Callable[[optuna.Trial], float | list[float]], target: int) -> None:
+                guarded = Guard(stage_objective, target, own_heartbeat, recover_now)
+                study.optimize(guarded, catch=(EvaluationFailed, Surplus),
+                               callbacks=[StopAtTotal(target, recover_now), progress], gc_after_trial=False)
+
+            run_search(s, study, make_objective(s, artifact_store(s.run_dir)), optimize,
+                       stopped=lambda: progress.aborted is not None, say=console.print)
         except KeyboardInterrupt:
             interrupted = True
             console.print("[yellow]interrupted[/]")
@@ -234,5 +253,7 @@ def _run(s: Session) -> int:
             else:
                 console.print(f"best model is current: {s.run_dir / 'best'}")
     console.print(json.dumps(s.objective.summary(study), indent=None))
+    if cfg.export.enabled and not s.objective.multi:
+        print_comparison(s)
     print_run_end(s, console)  # held-out score, scores.json, report and dashboard commands
     return 130 if interrupted else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +20,29 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def _cmaes(seed: int, **kw: Any) -> optuna.samplers.BaseSampler:
     kw.setdefault("warn_independent_sampling", False)
-    return optuna.samplers.CmaEsSampler(seed=seed, **kw)
+    with warnings.catch_warnings():  # x0/sigma0: deprecated in Optuna 4.9, to be removed in 6.0 (pin optuna<6)
+        warnings.filterwarnings("ignore", message=".*(x0|sigma0).*deprecated", category=FutureWarning)
+        return optuna.samplers.CmaEsSampler(seed=seed, **kw)
 
 
-# The one sampler registry: config name -> factory(seed, **kwargs).
-SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-    "tpe": lambda seed, **kw: optuna.samplers.TPESampler(seed=seed, **kw),
-    "cmaes": _cmaes,
-    "random": lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
-    "gp": lambda seed, **kw: optuna.samplers.GPSampler(seed=seed, **kw),
-    "qmc": lambda seed, **kw: optuna.samplers.QMCSampler(seed=seed, **kw),
-    "nsga2": lambda seed, **kw: optuna.samplers.NSGAIISampler(seed=seed, **kw),
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: `factory(seed, **kwargs)`, and `start(params)`, the extra kwargs that make it
+    begin its search at a given point (CMA-ES: its mean `x0`); None: it has no such notion (TPE, GP and
+    the others learn from the finished trials, baselines included, by themselves)."""
+
+    factory: Callable[..., optuna.samplers.BaseSampler]
+    start: Callable[[dict[str, float]], dict[str, Any]] | None = None
+
+
+# The one sampler registry: config name -> SamplerSpec.
+SAMPLERS: dict[str, SamplerSpec] = {
+    "tpe": SamplerSpec(lambda seed, **kw: optuna.samplers.TPESampler(seed=seed, **kw)),
+    "cmaes": SamplerSpec(_cmaes, start=lambda x0: {"x0": dict(x0)}),
+    "random": SamplerSpec(lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed, **kw)),
+    "gp": SamplerSpec(lambda seed, **kw: optuna.samplers.GPSampler(seed=seed, **kw)),
+    "qmc": SamplerSpec(lambda seed, **kw: optuna.samplers.QMCSampler(seed=seed, **kw)),
+    "nsga2": SamplerSpec(lambda seed, **kw: optuna.samplers.NSGAIISampler(seed=seed, **kw)),
 }
 
 
@@ -57,11 +70,23 @@ def check_sampler(cfg: Any) -> None:
         raise UserError(f"sampler.name={cfg.name!r} is unknown; choose one of {sorted(SAMPLERS)}.")
 
 
-def build_sampler(cfg: Any, seed: int) -> optuna.samplers.BaseSampler:
-    """The configured sampler. `seed` should differ per resume so a rerun does not replay old draws."""
+def build_sampler(cfg: Any, seed: int, *, start: dict[str, float] | None = None,
+                  **overrides: Any) -> optuna.samplers.BaseSampler:
+    """The configured sampler. `seed` should differ per resume so a rerun does not replay old draws.
+
+    Args:
+        cfg: the `sampler` config node (`name`, `kwargs`).
+        seed: its random seed.
+        start: parameter values to start the search at (a warm start; ignored by samplers without one).
+        overrides: kwargs laid over `cfg.kwargs` (e.g. a stage's own `sigma0`).
+    """
     check_sampler(cfg)
+    spec = SAMPLERS[cfg.name]
+    kwargs = {**dict(cfg.kwargs or {}), **overrides}
+    if start is not None and spec.start is not None:
+        kwargs.update(spec.start(start))
     try:
-        return SAMPLERS[cfg.name](seed, **dict(cfg.kwargs or {}))
+        return spec.factory(seed, **kwargs)
     except TypeError as e:
         raise UserError(f"sampler.kwargs for {cfg.name!r} are invalid: {e}.") from None
 

@@ -17,7 +17,15 @@ import optuna
 from optimizer import UserError
 from optimizer.artifacts import dump_recipe, recipe_doc
 from optimizer.eval.base import HELDOUT, SEARCH
-from optimizer.export.heldout import baseline_scores, choose, heldout_of, noise, reference_scores, value_of
+from optimizer.export.heldout import (
+    baseline_scores,
+    choose,
+    comparison,
+    heldout_of,
+    noise,
+    reference_scores,
+    value_of,
+)
 from optimizer.locks import file_lock
 from optimizer.recovery import pid_alive
 from optimizer.session import Session, score
@@ -62,6 +70,8 @@ def _export_best(s: Session, study: optuna.Study, trial: optuna.trial.FrozenTria
         **study_state(study),
         "timing_seconds_per_trial": {k: (sum(v) / len(v) if v else None) for k, v in s.timings.items()},
     }
+    report["comparison"] = comparison(report)
+    study.set_user_attr("comparison", report["comparison"])  # the report reads it from the study
     extra = {"heldout_table.csv": _csv(table)} if table else {}
     return write_trial(s, trial, dest or s.run_dir / "best", report, extra=extra)
 

@@ -19,13 +19,15 @@ def test_heldout_table_and_choice(tiny_models, tmp_path):
     assert run(cfg) == 0
     scores = json.loads((tmp_path / "runs/t/best/scores.json").read_text())
     table = scores["heldout_table"]
-    assert [r["search_rank"] for r in table] == [1, 2, 3, 4]
-    assert sorted(r["heldout_rank"] for r in table) == [1, 2, 3, 4]
+    # the top 4 by search, plus every baseline (re-scored on held-out whatever its search rank)
+    assert [r["search_rank"] for r in table][:4] == [1, 2, 3, 4]
+    assert {r["baseline"] for r in table} >= {"weight=1.0", "weight=0.5"}
+    assert sorted(r["heldout_rank"] for r in table) == list(range(1, len(table) + 1))
     chosen = min(table, key=lambda r: r["heldout_rank"])
     assert scores["best"]["trial"] == chosen["trial"] and scores["best"]["chosen_by"] == "heldout"
     assert all(r["gap"] == pytest.approx(0.001) for r in table)  # the toy's held-out offset
     csv = (tmp_path / "runs/t/best/heldout_table.csv").read_text().splitlines()
-    assert csv[0].startswith("trial,search,heldout") and len(csv) == 5
+    assert csv[0].startswith("trial,baseline,search,heldout") and len(csv) == len(table) + 1
     assert len(load(cfg).user_attrs["heldout"]) >= 4  # cached: a re-export does not re-evaluate
 
 
