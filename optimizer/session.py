@@ -220,9 +220,14 @@ def load(s: Session) -> None:
                                 dtype=s.models.dtype, device=s.device)
         s.applier = MoeApplier(s.live, resident, s.moe, s.tokenizer)
     s.resident = resident
+    from optimizer.models import warm_up  # trial 0's one-off costs (order statistics, page faults) go here
+
+    first = list(s.cfg.merge.baselines)[:1] or [{}]
+    warm = warm_up(s.applier, s.space.plan(s.space.baseline(first[0])), seed=s.cfg.seed, console=console,
+                   label=f"warm-up: one {s.space.method.name} merge (order statistics, page faults)")
     console.print(f"resident: {resident.nbytes() / 2**20:.1f} MiB on {s.device}; "
                   f"search space: {len(s.space)} parameters ({s.space.layout.granularity}, "
-                  f"{len(s.space.layout.units)} units x {len(s.models.names)} models)")
+                  f"{len(s.space.layout.units)} units x {len(s.models.names)} models); warm-up {warm:.2f} s")
 
 
 def dense_reference(s: Session) -> tuple[torch.nn.Module, Applier]:

@@ -84,3 +84,82 @@ def test_pickle_refused_unless_allowed(tiny_models, tmp_path):
 def test_empty_models_is_a_user_error(tiny_models):
     with pytest.raises(UserError, match="models.models is empty"):
         ModelSet(mcfg(base=str(tiny_models["base"]), models={}))
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streamed_task_vectors_equal_the_whole_tensor_expression(tmp_path, file_dtype, dtype, monkeypatch):
+    """Deltas are computed a block of rows at a time; the bits are those of (t.float() - b.float()).to(dtype),
+    vocabulary rows only one side has included (cut or zero-padded)."""
+    import optimizer.models as models
+    from optimizer.checkpoint import Checkpoint
+
+    monkeypatch.setattr(models, "_BLOCK", 1000)  # many blocks, uneven last one
+    g = torch.Generator().manual_seed(0)
+    ckpts = {}
+    for name, rows in (("base", 50), ("same", 50), ("more", 53), ("fewer", 47)):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": torch.randn(rows, 33, generator=g).to(file_dtype),
+                   "model.norm.weight": torch.randn(33, generator=g).to(file_dtype)},
+                  str(tmp_path / name / "model.safetensors"))
+        ckpts[name] = Checkpoint(str(tmp_path / name))
+    base = ckpts["base"]
+    for tname in ("model.embed_tokens.weight", "model.norm.weight"):
+        experts = [ckpts["same"]] if tname == "model.norm.weight" else [ckpts[n] for n in ("same", "more", "fewer")]
+        anchor, deltas = models.load_tensor_set(tname, base, base, experts, torch.device("cpu"), dtype)
+        b = base.tensor(tname).float()
+        assert torch.equal(anchor, b.to(dtype))
+        for ckpt, d in zip(experts, deltas, strict=True):
+            t = ckpt.tensor(tname).float()
+            want = torch.zeros_like(b)
+            n = min(len(t), len(b))
+            want[:n] = t[:n] - b[:n]
+            assert d.dtype == dtype and torch.equal(d, want.to(dtype))
+
+
+def _file_mapped(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds `t`'s memory, if any (Linux /proc)."""
+    ptr = t.untyped_storage().data_ptr()
+    for line in open("/proc/self/maps").read().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= ptr < hi and len(parts) > 5 and parts[5].startswith("/"):
+            return parts[5]
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_live_model_owns_its_memory(tiny_models):
+    """transformers leaves same-dtype parameters in a copy-on-write mapping of the safetensors file; the first
+    trial's writes would fault in every page. The live model's parameters are copied out while loading."""
+    from transformers import AutoModelForCausalLM
+
+    raw = AutoModelForCausalLM.from_pretrained(str(tiny_models["base"]), dtype=torch.float32)
+    mapped = [n for n, p in raw.named_parameters() if _file_mapped(p)]
+    ms = ModelSet(mcfg(base=str(tiny_models["base"]), models={"a": str(tiny_models["a"])}, dtype="float32"))
+    live = ms.load_live(torch.device("cpu"))
+    assert not [n for n, p in live.named_parameters() if _file_mapped(p)]
+    for (n, p), (_, q) in zip(live.named_parameters(), raw.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    if not mapped:
+        pytest.skip("this transformers version copies parameters itself; nothing to check against")
+
+
+def test_warm_up_applies_the_plan_once(tiny_models):
+    from optimizer.merge.apply import Applier, single_plan
+    from optimizer.models import warm_up
+
+    ms = ModelSet(mcfg(base=str(tiny_models["base"]), models={"a": str(tiny_models["a"])}))
+    res = ms.load_resident(torch.device("cpu"))
+    live = ms.load_live(torch.device("cpu"))
+    calls = []
+
+    class Spy(Applier):
+        def apply(self, plan, *, seed=0, trial=0):
+            calls.append((plan.method, seed, trial))
+            super().apply(plan, seed=seed, trial=trial)
+
+    seconds = warm_up(Spy(live, res), single_plan(("a",), [1.0]), seed=7)
+    assert calls == [("task_arithmetic", 7, 0)] and seconds >= 0
+    n = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(dict(live.named_parameters())[n], res.anchor[n] + res.deltas[n][0])

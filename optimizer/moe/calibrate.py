@@ -54,7 +54,7 @@ def cached_features(model: torch.nn.Module, tokenizer: Any, prompts_per_expert: 
 
 def calibrate_router(model: torch.nn.Module, tokenizer: Any, prompts_per_expert: Sequence[Sequence[str]], *,
                      steps: int = 100, lr: float = 0.05, rounds: int = 1, seed: int = 0,
-                     max_tokens_per_expert: int = 4096) -> dict[str, float]:
+                     max_tokens_per_expert: int = 4096, forced_first: bool = True) -> dict[str, float]:
     """Train only the router weights, starting from their current values; everything else stays frozen.
 
     Deterministic for given inputs, seed and device (full-batch Adam, no sampling beyond the seeded
@@ -69,6 +69,8 @@ def calibrate_router(model: torch.nn.Module, tokenizer: Any, prompts_per_expert:
         rounds: on-policy refits after the first (forced-routing) fit.
         seed: seed of the token subsampling.
         max_tokens_per_expert: cap on cached tokens per expert.
+        forced_first: the first fit reads inputs cached with routing forced to each prompt's expert (after a
+            gate init); False: every fit reads the routers' own routing (a warm start from a calibrated router).
 
     Returns:
         {"accuracy_before", "accuracy_after", "tokens"}: top-1 routing accuracy on the prompt tokens,
@@ -80,7 +82,7 @@ def calibrate_router(model: torch.nn.Module, tokenizer: Any, prompts_per_expert:
     before = after = 0.0
     for fit in range(1 + rounds):
         feats, labels = cached_features(model, tokenizer, prompts_per_expert, max_tokens_per_expert, seed,
-                                        forced=fit == 0)
+                                        forced=forced_first and fit == 0)
         accs = [_fit(router, x.float(), labels, steps, lr) for router, x in zip(routers(model), feats, strict=True)]
         if fit == 0:
             before = sum(a for a, _ in accs) / len(accs)

@@ -30,6 +30,7 @@ from optimizer import UserError
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random")
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "cheap_embed")  # modes whose gate is derived from prompts
 SHARED_MODES = ("base", "merge")
+PER_TRIAL = ("reuse", "refit", "full")  # calibrate.per_trial: the router of a search trial
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "auto")
 # mergekit-moe keys we understand but do not implement: refuse them by name rather than ignore them.
 UNSUPPORTED = {
@@ -71,12 +72,20 @@ class CalibrateConfig:
         lr: Adam learning rate.
         rounds: on-policy refits after the first fit (inputs under the router's own routing).
         max_tokens_per_expert: cap on cached tokens per expert (bounds memory on big models).
+        per_trial: what a search trial does to the router after writing its experts (see moe/search.py):
+            reuse = keep the router derived once at load for the unmerged experts; refit = start from that
+            router and refit it on-policy (`refit_steps` Adam steps on the first `refit_prompts` calibration
+            prompts per expert); full = gate init and calibration from scratch, as at load.
+        refit_steps, refit_prompts: the size of a `refit`.
     """
 
     steps: int = 0
     lr: float = 0.05
     rounds: int = 1
     max_tokens_per_expert: int = 4096
+    per_trial: str = "reuse"
+    refit_steps: int = 20
+    refit_prompts: int = 32
 
 
 @dataclass
@@ -205,13 +214,17 @@ def validate(cfg: MoeConfig) -> None:
         raise UserError(f"experts_per_token={cfg.experts_per_token!r} but there are {n} experts; set it "
                         f"between 1 and {n} (1 or 2 is usual).")
     c = cfg.calibrate
-    for key, kind in (("steps", int), ("lr", (int, float)), ("rounds", int), ("max_tokens_per_expert", int)):
+    for key, kind in (("steps", int), ("lr", (int, float)), ("rounds", int), ("max_tokens_per_expert", int),
+                      ("refit_steps", int), ("refit_prompts", int)):
         value = getattr(c, key)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise UserError(f"calibrate.{key}={value!r} must be a number ({'an integer' if kind is int else 'e.g. 0.05'}).")
     if c.steps < 0 or c.lr <= 0 or c.rounds < 0 or c.max_tokens_per_expert < 1:
         raise UserError("calibrate: steps must be >= 0 (0 = off), lr > 0, rounds >= 0 and "
                         "max_tokens_per_expert >= 1.")
+    if c.per_trial not in PER_TRIAL or c.refit_steps < 0 or c.refit_prompts < 1:
+        raise UserError(f"calibrate: per_trial={c.per_trial!r} must be one of {', '.join(PER_TRIAL)} (what a search "
+                        "trial does to the router), refit_steps >= 0 and refit_prompts >= 1.")
     _check_distinct(cfg)
     _check_prompts(cfg)
 

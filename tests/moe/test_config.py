@@ -22,6 +22,7 @@ def test_valid_recipe_parses_with_defaults() -> None:
     cfg = load_moe_config(good())
     assert cfg.expert_names == ["a", "b", "c"]
     assert cfg.calibrate.steps == 0 and cfg.shared == "base" and cfg.dtype == "auto"
+    assert cfg.calibrate.per_trial == "reuse"
     assert load_moe_config(cfg.to_dict()) == cfg  # to_dict round-trips
 
 
@@ -50,6 +51,8 @@ def test_random_gates_need_no_prompts() -> None:
     (lambda d: d["experts"][0].update(positive_prompt=["x"]), "experts[0].positive_prompt: unknown key"),
     (lambda d: d.update(calibrate={"step": 3}), "calibrate.step: unknown key"),
     (lambda d: d.update(calibrate={"steps": 10, "lr": 0}), "calibrate: steps must be"),
+    (lambda d: d.update(calibrate={"per_trial": "each"}), "per_trial='each' must be one of reuse, refit, full"),
+    (lambda d: d.update(calibrate={"per_trial": "refit", "refit_prompts": 0}), "refit_prompts >= 1"),
     (lambda d: d.update(shared_experts=[]), "shared_experts: shared experts"),
     (lambda d: d["experts"][1].update(name="a"), "both named 'a'"),
     (lambda d: d["experts"][1].update(noise_scale=0.1), "experts[1].noise_scale: gate noise"),

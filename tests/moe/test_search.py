@@ -52,7 +52,7 @@ def test_live_tensor_names_drop_dead_dimensions(zoo) -> None:
 
 
 def test_trial_writes_slots_in_place_and_rederives_router(zoo) -> None:
-    cfg, res, model, applier = live_moe(zoo, calibrate={"steps": 20})
+    cfg, res, model, applier = live_moe(zoo, calibrate={"steps": 20, "per_trial": "full"})
     router1 = model.model.layers[1].mlp.gate.weight.clone()
     ptrs = [p.data_ptr() for p in model.parameters()]
     q0 = model.model.layers[0].self_attn.q_proj.weight.clone()
@@ -88,3 +88,61 @@ def test_shared_merge_is_a_searched_merge_of_the_experts(zoo) -> None:
     assert torch.equal(q, res.anchor[Q0])
     applier.apply(plan("task_arithmetic", {"add": 0.0, "rev": 0.5, "up": 0.0}))
     torch.testing.assert_close(q, res.anchor[Q0] + 0.5 * res.deltas[Q0][1])
+
+
+def routers_of(model) -> torch.Tensor:
+    return torch.stack([layer.mlp.gate.weight.detach().clone() for layer in model.model.layers])
+
+
+A = {"add": 1.0, "rev": 0.5, "up": 0.0}
+B = {"add": 0.2, "rev": 1.3, "up": 0.7}
+
+
+def test_reuse_keeps_the_load_time_router(zoo) -> None:
+    _, _, model, applier = live_moe(zoo, calibrate={"steps": 20})  # per_trial: reuse (the default)
+    loaded = routers_of(model)
+    applier.apply(plan("task_arithmetic", A))
+    assert torch.equal(routers_of(model), loaded) and torch.equal(applier.reference_router, loaded)
+
+
+@pytest.mark.parametrize("per_trial", ["reuse", "refit", "full"])
+def test_a_trial_rematerialises_bit_identically_in_any_order(zoo, per_trial) -> None:
+    _, _, model, applier = live_moe(zoo, calibrate={"steps": 20, "per_trial": per_trial, "refit_steps": 10})
+    applier.apply(plan("task_arithmetic", A))
+    first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    applier.apply(plan("task_arithmetic", B))
+    assert not torch.equal(expert_views(model, 1)[DOWN0], first["model.layers.0.mlp.experts.down_proj"][1])
+    applier.apply(plan("task_arithmetic", A))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, first[n]), n
+    if per_trial == "refit":
+        assert not torch.equal(routers_of(model), applier.reference_router)  # refit from the load-time router
+
+
+def test_only_changed_tensors_are_rewritten_and_router_rederived_when_needed(zoo, monkeypatch) -> None:
+    import dataclasses
+
+    from optimizer.merge import registry
+    from optimizer.moe import search
+
+    _, _, model, applier = live_moe(zoo, shared="merge", calibrate={"steps": 20, "per_trial": "refit"})
+    writes, fits = [], []
+    method = registry.METHODS["task_arithmetic"]
+
+    def counting(*a, **k):
+        writes.append(k["name"])
+        return method.fn(*a, **k)
+
+    monkeypatch.setitem(registry.METHODS, "task_arithmetic", dataclasses.replace(method, fn=counting))
+    real = search.calibrate_router
+    monkeypatch.setattr(search, "calibrate_router", lambda *a, **k: fits.append(1) or real(*a, **k))
+    applier.apply(plan("task_arithmetic", A))
+    n_first = len(writes)
+    assert n_first > 0 and fits == [1]
+    writes.clear()
+    applier.apply(plan("task_arithmetic", A))  # nothing changed: no write, no refit
+    assert writes == [] and fits == [1]
+    rules = {m: ((DOWN0, w), (None, 1.0)) for m, w in A.items()}  # Q0 (shared) back to 1.0 only
+    shared_only = MergePlan("task_arithmetic", EXPERTS, {"weight": rules}, {})
+    applier.apply(shared_only)
+    assert writes == [Q0] and fits == [1, 1]  # the router reads the shared tensors' output: refit
