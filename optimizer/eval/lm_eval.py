@@ -22,7 +22,13 @@ from optimizer.eval import register_evaluator
 from optimizer.eval import search_metric as sm
 from optimizer.eval.base import HELDOUT, SEARCH, Scores
 from optimizer.eval.engine import Engine, PreparedTask, TaskRun, prepare_task, score
-from optimizer.eval.tasks import check_search_split, load_tasks, task_manager, with_overrides
+from optimizer.eval.tasks import (
+    check_search_split,
+    load_tasks,
+    quiet_task_builds,
+    task_manager,
+    with_overrides,
+)
 from optimizer.resources import resolve_path
 
 
@@ -203,7 +209,7 @@ class LmEvalEvaluator:
     def _prepared_for(self, split: str, lm: Any) -> list[PreparedTask]:
         if split not in self._prepared:
             tasks, indices = self.tasks_for(split), self.item_indices(split)
-            with _quiet():
+            with _quiet(), quiet_task_builds():
                 self._prepared[split] = [
                     prepare_task(t.name, tasks[t.name], indices[t.name], lm=lm,
                                  apply_chat_template=self.cfg.apply_chat_template)

@@ -28,14 +28,19 @@ class _DropCustomDatasetHint(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_task_builds() -> Iterator[None]:
-    """Within the block, lm-eval's custom-dataset hint (see above) is not logged; nothing else changes."""
-    logger = logging.getLogger(_TASK_LOGGER)
+    """Within the block, lm-eval logs warnings and errors only (its INFO lines narrate every task and request
+    build) and not the custom-dataset hint (see above)."""
+    logger, root = logging.getLogger(_TASK_LOGGER), logging.getLogger("lm_eval")
     f = _DropCustomDatasetHint()
+    level = root.level
     logger.addFilter(f)
+    if root.getEffectiveLevel() < logging.WARNING:
+        root.setLevel(logging.WARNING)
     try:
         yield
     finally:
         logger.removeFilter(f)
+        root.setLevel(level)
 
 
 def task_manager(include_path: Sequence[str | Path], names: Sequence[str] = (),

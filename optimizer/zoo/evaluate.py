@@ -40,7 +40,7 @@ class ZooScorer:
         from lm_eval.models.huggingface import HFLM
 
         from optimizer.eval.engine import Engine, prepare_task
-        from optimizer.eval.tasks import load_tasks
+        from optimizer.eval.tasks import load_tasks, quiet_task_builds
 
         # lm-eval logs every task build and request batch at INFO/WARNING; one line per trial is enough.
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -50,7 +50,7 @@ class ZooScorer:
         self.prepared = {}
         for split, names in SPLIT_TASKS.items():
             tasks = load_tasks(manager, names, f"the zoo's {split} split")
-            with contextlib.redirect_stderr(io.StringIO()):  # a tqdm bar per task build
+            with contextlib.redirect_stderr(io.StringIO()), quiet_task_builds():  # a tqdm bar per task build
                 self.prepared[split] = [prepare_task(n, tasks[n], range(len(tasks[n].eval_docs))) for n in names]
 
     @property
