@@ -106,7 +106,7 @@ def check_study(s: Session) -> tuple[optuna.storages.BaseStorage, dict]:
     study = existing_study(storage, cfg.study_name)
     if study is not None:
         where = redact_text(storage_url(cfg.storage, s.run_dir) or "memory")
-        if FINGERPRINT in study.user_attrs:
+        if study.user_attrs.get(FINGERPRINT):
             check_fingerprint(study, current, where)
         else:  # created before fingerprints were stored
             check_resumable(study, s.space.describe(), where)
@@ -130,7 +130,7 @@ def open_study(s: Session, storage: optuna.storages.BaseStorage, current: dict) 
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
                                     pruner=build_pruner(cfg.pruner), load_if_exists=True,
                                     **s.objective.directions_kwargs())
-        if created or FINGERPRINT not in study.user_attrs:
+        if created or not study.user_attrs.get(FINGERPRINT):
             study.set_user_attr(FINGERPRINT, current)
         if "space" not in study.user_attrs:
             study.set_user_attr("space", s.space.describe())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,9 @@ def grace_seconds(cfg: Any) -> int:
 def build_storage(cfg: Any, run_dir: Path) -> optuna.storages.BaseStorage:
     """The study's storage. RDB kinds get Optuna's heartbeat, so a killed worker's trial is failed and its
     parameters re-enqueued (see optimizer.recovery); errors opening it are UserErrors naming the URL."""
+    import sqlalchemy.exc
+
+    from optimizer.locks import file_lock
     from optimizer.recovery import Requeue
 
     url = storage_url(cfg, run_dir)
@@ -171,11 +175,19 @@ def build_storage(cfg: Any, run_dir: Path) -> optuna.storages.BaseStorage:
 
             return optuna.storages.JournalStorage(JournalFileBackend(url))
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna but are what makes resume safe
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
-                                              grace_period=grace_seconds(cfg),
-                                              heartbeat_stale_trial_callback=Requeue(cfg.max_retry))
+        for attempt in range(5):
+            # Workers creating a fresh database at once race on its schema (alembic_version): the lock orders
+            # the ones on this machine, the retry covers other machines (the loser then finds the tables).
+            try:
+                with file_lock(run_dir / ".study.lock", "study lock"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat args
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
+                        grace_period=grace_seconds(cfg), heartbeat_stale_trial_callback=Requeue(cfg.max_retry))
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
     except UserError:
         raise
     except Exception as e:  # bad URL, unreachable server, wrong password, read-only or full disk, ...
