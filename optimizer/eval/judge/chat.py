@@ -1,12 +1,15 @@
 """Turning a conversation into the prompt text a model was fine-tuned on.
 
 The tokenizer's own chat template comes first. A named template (`conv_template=chatml`, ...) replaces it
-for models that ship none or a wrong one; names we do not define are looked up in FastChat's conversation
-templates when `fschat` is installed (formats only: none of its API calls are used).
+for models that ship none or a wrong one; names we do not define are FastChat's named conversation
+templates (`fastchat.conversation.get_conv_template`: vicuna_v1.1, llama-2, zephyr, openchat_3.5, ... 80+),
+available with the `fastchat` extra (`pip install "merge-optimizer[fastchat]"`, i.e. fschat; formats only,
+none of its API calls are used). Our four names win over FastChat's entries of the same name.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +49,38 @@ NAMED_TEMPLATES: dict[str, ConvTemplate] = {
 }
 
 
+FASTCHAT_HINT = 'pip install "merge-optimizer[fastchat]"'
+
+
+def fastchat_template_names() -> list[str] | None:
+    """FastChat's registered conversation template names, or None when fschat is not installed."""
+    try:
+        from fastchat.conversation import conv_templates  # optional; formats only
+    except ImportError:
+        return None
+    return sorted(conv_templates)
+
+
+def check_conv_template(name: str | None, where: str) -> None:
+    """UserError (before any model is loaded) unless `name` is None, ours, or one of FastChat's templates.
+
+    Args:
+        name: the configured template name.
+        where: the config key shown in the message, e.g. "evaluator.conv_template".
+    """
+    if name is None or name in NAMED_TEMPLATES:
+        return
+    names = fastchat_template_names()
+    if names is None:
+        raise UserError(f"{where}={name!r} is unknown: not one of {sorted(NAMED_TEMPLATES)}, and FastChat's named templates "
+                        f"need fschat: {FASTCHAT_HINT}.")
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        raise UserError(f"{where}={name!r} is unknown: neither one of {sorted(NAMED_TEMPLATES)} nor a FastChat template"
+                        + (f" (close: {', '.join(close)})" if close else "") + f"; FastChat has {len(names)}, "
+                        "listed by fastchat.conversation.conv_templates.")
+
+
 def _fastchat_prompt(name: str, messages: list[dict[str, str]]) -> tuple[str, tuple[str, ...]] | None:
     try:
         from fastchat.conversation import get_conv_template  # optional; formats only
@@ -78,7 +113,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], conv_template: s
             if not getattr(tokenizer, "chat_template", None):
                 raise UserError("The tokenizer has no chat template, so MT-Bench answers cannot be prompted "
                                 "the way the model was tuned. Set evaluator.conv_template to one of "
-                                f"{sorted(NAMED_TEMPLATES)} (or a FastChat template name with fschat installed).")
+                                f"{sorted(NAMED_TEMPLATES)}, or to a FastChat template name such as vicuna_v1.1 "
+                                f"or llama-2 ({FASTCHAT_HINT}).")
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return text, ()
         if conv_template in NAMED_TEMPLATES:
@@ -93,6 +129,6 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], conv_template: s
                         "or drop evaluator.system_prompt.") from None
     found = _fastchat_prompt(conv_template, messages)
     if found is None:
-        raise UserError(f"evaluator.conv_template={conv_template!r} is unknown; use one of "
-                        f"{sorted(NAMED_TEMPLATES)} (other names need fschat installed and known to it).")
+        check_conv_template(conv_template, "conv_template")  # says why (fschat missing, or close names)
+        raise UserError(f"conv_template={conv_template!r} is unknown.")
     return found

@@ -23,6 +23,7 @@ from optimizer.eval import register_evaluator
 from optimizer.eval.base import HELDOUT, SEARCH, SPLITS, EvaluationFailed, Scores
 from optimizer.eval.judge.bench import Question, load_questions, split_questions
 from optimizer.eval.judge.cache import JudgmentCache, judgment_key
+from optimizer.eval.judge.chat import check_conv_template
 from optimizer.eval.judge.clients import AnthropicJudge, OpenAIJudge
 from optimizer.eval.judge.config import (
     GenerationFields,
@@ -100,7 +101,9 @@ class MtBenchEvaluator:
         """Check configs, bench files, splits, the judge's SDK / model and key env var; raise UserError."""
         check_mtbench_config(self.cfg)
         check_judge_config(self.judge_cfg)
+        check_conv_template(self.cfg.conv_template, "evaluator.conv_template")
         if self.judge_cfg.kind == "local":
+            check_conv_template(self.judge_cfg.conv_template, "judge.conv_template")
             check_local_model(self.judge_cfg)
         elif importlib.util.find_spec(self.judge_cfg.kind) is None:
             raise UserError(f"judge={self.judge_cfg.kind} needs the {self.judge_cfg.kind!r} package: "
