@@ -6,6 +6,7 @@ mergekit's own sparsify/merge functions. See ``tests/merge/oracle.py`` for how m
 
 from __future__ import annotations
 
+import importlib.util
 from functools import partial
 
 import pytest
@@ -161,20 +162,12 @@ MASKED = {
 
 
 def mergekit_with_masks(doc: dict, tm, seed: int, trial: int) -> dict[str, torch.Tensor]:
-    """What mergekit computes for ``doc`` when its Bernoulli draws are our masks: per tensor, mergekit's
-    ``rescaled_masked_tensor`` of each task vector with our mask, then mergekit's task-arithmetic merge."""
-    from mergekit.merge_methods.base import TensorGroup
-    from mergekit.merge_methods.generalized_task_arithmetic import (
-        ConsensusMethod,
-        GeneralizedTaskArithmeticMerge,
-    )
-    from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor
-
+    """What mergekit computes for ``doc`` when its Bernoulli draws are our masks (drawn per tensor as a
+    trial draws them): mergekit's own ``rescaled_masked_tensor`` and task-arithmetic merge where mergekit
+    imports here, else (mergekit in a second venv) ``merge_reference.gta``, a transcription of them."""
     recipe = Recipe.from_dict(doc)
     method = METHODS[recipe.merge_method]
-    consensus = "ties" in method.name or method.name == "della"
-    merge = GeneralizedTaskArithmeticMerge(ConsensusMethod.sum if consensus else None, None, False, False,
-                                           "masked", None, None)
+    combine = _mergekit_gta if importlib.util.find_spec("mergekit") else _transcribed_gta
     base_sd = weights(tm["base"])
     sds = [weights(tm[k]) for k in ("a", "b")]
     out = {}
@@ -182,24 +175,45 @@ def mergekit_with_masks(doc: dict, tm, seed: int, trial: int) -> dict[str, torch
         value = partial(recipe.value, 0, tensor_name=name, t=layer_fraction(layer_of(name), 3))
         gen = torch.Generator().manual_seed(sp.seed_for(seed, trial, name))
         eps = value(None, "epsilon") if "epsilon" in {p.name for p in method.params} else None
-        kept = []
-        for m, sd in zip(recipe.inputs(0), sds, strict=True):
-            delta, density = sd[name] - base, value(m, "density")
-            mask = (sp.random_mask(delta, density, gen) if eps is None
-                    else sp.della_mask(delta, density, eps, gen)).float()
-            norm = RescaleNorm.l1 if value(None, "rescale") else None
-            kept.append(base + rescaled_masked_tensor(delta, mask, norm))
-        group = TensorGroup.from_tensors([base, *kept], base_index=0, name=name)
-        params = {"weight": [value(m, "weight") for m in recipe.inputs(0)], "density": [1.0, 1.0],
-                  "normalize": bool(value(None, "normalize")), "rescale": False, "int8_mask": False,
-                  "lambda": value(None, "lambda")}
-        (out[name],) = merge([group], parameters=params)
+        models = recipe.inputs(0)
+        deltas = [sd[name] - base for sd in sds]
+        masks = [(sp.random_mask(d, value(m, "density"), gen) if eps is None
+                  else sp.della_mask(d, value(m, "density"), eps, gen)).float()
+                 for m, d in zip(models, deltas, strict=True)]
+        out[name] = combine(name, base, deltas, masks, [value(m, "weight") for m in models],
+                            consensus="ties" in method.name or method.name == "della",
+                            normalize=bool(value(None, "normalize")), rescale=bool(value(None, "rescale")),
+                            lambda_=value(None, "lambda"))
     return out
+
+
+def _mergekit_gta(name, base, deltas, masks, ws, *, consensus, normalize, rescale, lambda_):
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        ConsensusMethod,
+        GeneralizedTaskArithmeticMerge,
+    )
+    from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor
+
+    merge = GeneralizedTaskArithmeticMerge(ConsensusMethod.sum if consensus else None, None, False, False,
+                                           "masked", None, None)
+    kept = [base + rescaled_masked_tensor(d, m, RescaleNorm.l1 if rescale else None)
+            for d, m in zip(deltas, masks, strict=True)]
+    params = {"weight": ws, "density": [1.0] * len(kept), "normalize": normalize, "rescale": False,
+              "int8_mask": False, "lambda": lambda_}
+    (res,) = merge([TensorGroup.from_tensors([base, *kept], base_index=0, name=name)], parameters=params)
+    return res
+
+
+def _transcribed_gta(name, base, deltas, masks, ws, *, consensus, normalize, rescale, lambda_):
+    from tests.merge import merge_reference as ref
+
+    return ref.gta(base, deltas, ws, masks, "sum" if consensus else None, normalize, lambda_,
+                   "l1" if rescale else None).float()
 
 
 @pytest.mark.parametrize("name", sorted(MASKED))
 def test_random_mask_methods_with_injected_masks(name, tiny_models, tmp_path):
-    pytest.importorskip("mergekit", reason="mask injection calls mergekit's functions in this environment")
     doc = with_paths(MASKED[name], tiny_models) | {"dtype": "float32", "merge_optimizer": {"seed": 3, "trial": 8}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
