@@ -1,7 +1,8 @@
 """Resume identity: everything that makes two trials' scores comparable, stored on the study.
 
-A study may be resumed only by a run whose fingerprint equals the stored one: the same model weights (paths
-and a content hash of every weight, config and tokenizer file), the same method, space and bounds, the same
+A study may be resumed only by a run whose fingerprint equals the stored one: the same model weights (a
+content hash of every weight, config and tokenizer file; not their paths, so workers on other machines may
+keep the files elsewhere; the paths are stored for messages), the same method, space and bounds, the same
 evaluator (tasks, splits, limits, ...), judge (when one scores) and objective. What does not change scores
 (sampler, pruner, n_trials, device, threads, batch sizes, retries, export settings) is left out, so a study
 can be resumed with another sampler or on another machine.
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from optimizer.session import Session
 
 ATTR = "fingerprint"
-VERSION = 1
+VERSION = 2  # v1 (never released) compared model paths too
+PATHS = "paths"
 
 # Keys of evaluator / judge nodes that change how fast or how robustly scores are computed, not the scores.
 NEUTRAL_KEYS = frozenset({
@@ -56,7 +58,8 @@ def file_digest(path: Path) -> str:
 
 
 def model_identity(ckpt: Checkpoint) -> dict[str, Any]:
-    """Where a checkpoint is and what its weight, config and tokenizer files hold."""
+    """What a checkpoint's weight, config and tokenizer files hold (not where they are: workers on other
+    machines may keep the same files elsewhere)."""
     root = Path(ckpt.path)
     files = sorted({Path(f) for f in ckpt.files.values()} |
                    {root / n for n in (*_SIDE_FILES, "model.safetensors.index.json") if (root / n).is_file()})
@@ -64,7 +67,7 @@ def model_identity(ckpt: Checkpoint) -> dict[str, Any]:
         digests = {str(f.relative_to(root)) if f.is_relative_to(root) else str(f): file_digest(f) for f in files}
     except OSError as e:
         raise UserError(f"{ckpt.what}={ckpt.ref!r}: cannot read {e.filename!r} ({e.strerror}).") from None
-    return {"path": str(root.resolve()), "files": digests}
+    return {"files": digests}
 
 
 def _plain(node: Any, drop: frozenset[str] = frozenset()) -> Any:
@@ -99,17 +102,19 @@ def _names(node: Any) -> set[str]:
 def fingerprint(s: Session) -> dict[str, Any]:
     """Ordered key -> value; the first key that differs is the one a refusal names."""
     cfg, m = s.cfg, s.models
-    out: dict[str, Any] = {"version": VERSION, "models.base": model_identity(m.base)}
-    for name, ckpt in m.experts.items():
-        out[f"models.models.{name}"] = model_identity(ckpt)
+    ckpts = {"models.base": m.base, **{f"models.models.{n}": c for n, c in m.experts.items()}}
+    if m.target is not m.base:
+        ckpts["models.target"] = m.target
+    out: dict[str, Any] = {"version": VERSION, **{k: model_identity(c) for k, c in ckpts.items()}}
     out["models.order"] = list(m.names)
-    out["models.target"] = model_identity(m.target) if m.target is not m.base else None
+    out["models.target"] = out.get("models.target")
+    paths = {k: str(Path(c.path).resolve()) for k, c in ckpts.items()}
     if cfg.models.tokenizer:
         from optimizer.checkpoint import locate
 
         tok = Path(locate(cfg.models.tokenizer, what="models.tokenizer"))
-        out["models.tokenizer"] = {"path": str(tok.resolve()), "files": {
-            n: file_digest(tok / n) for n in _SIDE_FILES if (tok / n).is_file()}}
+        out["models.tokenizer"] = {"files": {n: file_digest(tok / n) for n in _SIDE_FILES if (tok / n).is_file()}}
+        paths["models.tokenizer"] = str(tok.resolve())
     out["models.dtype"] = str(m.dtype).removeprefix("torch.")
     out["models.vocab_policy"] = m.vocab_policy
     out["merge.method"] = s.space.method.name
@@ -122,6 +127,7 @@ def fingerprint(s: Session) -> dict[str, Any]:
     out["judge"] = _plain(cfg.judge, NEUTRAL_KEYS) if _names(evaluator) & {"mt_bench", "judge"} else None
     out["objective"] = _plain(cfg.objective)
     out["moe"] = s.moe.to_dict() if s.moe is not None else None
+    out[PATHS] = paths  # for messages only: never compared
     return json.loads(json.dumps(out, default=str))  # plain JSON, as the storage returns it
 
 
@@ -129,6 +135,8 @@ def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | N
     """The first key (in `current`'s order, then stored-only keys) whose values differ; nested dicts name
     their first differing sub-key (`evaluator.limit`, `models.models.rev.files.model.safetensors`)."""
     for key in [*current, *(k for k in stored if k not in current)]:
+        if key == PATHS:
+            continue
         a, b = stored.get(key), current.get(key)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict) and key not in ("merge.bounds", "merge.params"):
@@ -153,24 +161,38 @@ def _short(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check(study: optuna.Study, current: dict[str, Any], where: str) -> None:
+def stored_version(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's fingerprint if it has one of this format, else None (made before it; to be replaced)."""
+    stored = study.user_attrs.get(ATTR)
+    return stored if isinstance(stored, dict) and stored.get("version") == VERSION else None
+
+
+def check(study: optuna.Study, current: dict[str, Any], where: str) -> bool:
     """Refuse to resume `study` with a configuration whose scores would not be comparable.
 
-    Studies created before fingerprints were stored are checked on their stored space only (and get a
-    fingerprint on resume).
+    Returns False without checking when the study has no fingerprint of this format (made by an older
+    version: the caller checks its stored space instead, and stores a fingerprint on resume).
     """
-    stored = study.user_attrs.get(ATTR)
+    stored = stored_version(study)
     if stored is None:
-        return
+        return False
     key = first_difference(stored, current)
     if key is None:
-        return
+        return True
     hint = {"models": "the model folders (or their weights) differ from the ones the study was created with",
             "evaluator": "the evaluator scores differently (tasks, splits, limits, metrics)",
             "judge": "another judge would rate differently", "objective": "the trial values mean something else",
             "merge": "the search space differs", "mode": "the search space differs",
             "moe": "the MoE recipe differs"}.get(key.split(".")[0], "the study is defined differently")
+    model = next((k for k in current.get(PATHS, {}) if key == k or key.startswith(k + ".")), None)
+    if model:  # name the folders: a content hash alone does not say which files they are
+        then, now = (stored.get(PATHS) or {}).get(model), current[PATHS][model]
+        where_models = f"; the study's files were in {then!r}, this run's are in {now!r}" if then else \
+            f"; this run's files are in {now!r}"
+    else:
+        where_models = ""
     raise UserError(f"study {study.study_name!r} in {where} was created with a different {key} "
-                    f"(stored: {_short(_lookup(stored, key))}; now: {_short(_lookup(current, key))}): {hint}, so "
+                    f"(stored: {_short(_lookup(stored, key))}; now: {_short(_lookup(current, key))}{where_models}): "
+                    f"{hint}, so "
                     "its scores are not comparable with this run's. Resume it with its original settings, or "
                     "choose a new study_name.")

@@ -24,6 +24,7 @@ from optimizer.export.write import clean_temps, export_best, export_lock, export
 from optimizer.fingerprint import ATTR as FINGERPRINT
 from optimizer.fingerprint import check as check_fingerprint
 from optimizer.fingerprint import fingerprint
+from optimizer.fingerprint import stored_version as stored_fingerprint
 from optimizer.progress import Progress, print_run_end
 from optimizer.recovery import Guard, Requeue, StopAtTotal, Surplus, count, has_heartbeat, recover, study_lock
 from optimizer.search.loop import run_search
@@ -106,9 +107,7 @@ def check_study(s: Session) -> tuple[optuna.storages.BaseStorage, dict]:
     study = existing_study(storage, cfg.study_name)
     if study is not None:
         where = redact_text(storage_url(cfg.storage, s.run_dir) or "memory")
-        if study.user_attrs.get(FINGERPRINT):
-            check_fingerprint(study, current, where)
-        else:  # created before fingerprints were stored
+        if not check_fingerprint(study, current, where):  # created before fingerprints (of this format)
             check_resumable(study, s.space.describe(), where)
     return storage, current
 
@@ -130,7 +129,7 @@ def open_study(s: Session, storage: optuna.storages.BaseStorage, current: dict) 
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler,
                                     pruner=build_pruner(cfg.pruner), load_if_exists=True,
                                     **s.objective.directions_kwargs())
-        if created or not study.user_attrs.get(FINGERPRINT):
+        if created or stored_fingerprint(study) is None:
             study.set_user_attr(FINGERPRINT, current)
         if "space" not in study.user_attrs:
             study.set_user_attr("space", s.space.describe())

@@ -228,7 +228,7 @@ def _cuda_missing(cfg, tmp_path, tiny_models, monkeypatch):
 
 
 def _other_models(cfg, tmp_path, tiny_models, monkeypatch):
-    return {"models": {"models": {"a": str(tiny_models["b"])}}}, "different models.models.a.path"
+    return {"models": {"models": {"a": str(tiny_models["b"])}}}, "different models.models.a.files.model.safetensors"
 
 
 def _weights_changed(cfg, tmp_path, tiny_models, monkeypatch):

@@ -66,7 +66,7 @@ def test_same_settings_resume_and_old_studies_get_a_fingerprint(tiny_models, tmp
     assert run(cfg) == 0
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path}/runs/t/study.db")
     fp = study.user_attrs["fingerprint"]
-    assert fp["models.models.b"]["path"] == str(tiny_models["b_sharded"].resolve())
+    assert fp["paths"]["models.models.b"] == str(tiny_models["b_sharded"].resolve())
     assert len(fp["models.models.b"]["files"]) > 3  # every shard, config and tokenizer file
     study.set_user_attr("fingerprint", None)  # as if created before fingerprints existed
     assert run(OmegaConf.merge(cfg, {"n_trials": 3, "sampler": {"name": "random"}, "device": "cpu"})) == 0
