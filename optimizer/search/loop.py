@@ -122,7 +122,14 @@ def run_search(s: Any, study: optuna.Study, objective: Callable[[optuna.Trial], 
         if stage.kind == "baselines":
             study.sampler = optuna.samplers.RandomSampler(seed=s.cfg.seed + done)  # enqueued: draws nothing
         elif stage.kind == "refine":
-            enqueue_refined(s, study, stage, say)
+            reason = enqueue_refined(s, study, stage, say)
+            if reason:  # its trial goes to the next stage
+                say(f"stage {stage.name!r} (refine) skipped: {reason}")
+                study.set_user_attr(NOTES_ATTR, [*study.user_attrs.get(NOTES_ATTR, []),
+                                                 f"stage {stage.name!r} (refine) skipped: {reason}"])
+                plan = sch.collapse(plan, stage.name)
+                sch.record_plan(study, plan)
+                continue
             study.sampler = optuna.samplers.RandomSampler(seed=s.cfg.seed + done)
         else:
             start = stage_start(study, stage)
@@ -158,25 +165,35 @@ def stage_start(study: optuna.Study, stage: sch.Stage) -> dict[str, float] | Non
     return dict(trial.params)
 
 
-def enqueue_refined(s: Any, study: optuna.Study, stage: sch.Stage, say: Callable[[str], None]) -> None:
+def enqueue_refined(s: Any, study: optuna.Study, stage: sch.Stage, say: Callable[[str], None]) -> str | None:
     """Refine the stage's start trial by gradient and enqueue the result (once: a resumed run that finds
-    it waiting, running or finished reuses it)."""
+    it waiting, running or finished reuses it). Returns why it could not, or None."""
+    import torch
+
     from optimizer.search.gold import evaluator_gold
-    from optimizer.search.refine import refine
+    from optimizer.search.refine import NotRefinable, refine
 
     states = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     if any(t.user_attrs.get(STAGE_ATTR) == stage.name for t in study.get_trials(deepcopy=False, states=states)):
-        return
+        return None
+    reason = refine_blocker(s)
     start = stage_start(study, stage)
-    if start is None:
-        return
+    if reason or start is None:
+        return reason or "no completed trial to start from"
     rc = s.cfg.search.refine
-    gold = evaluator_gold(s.evaluator, s.tokenizer, limit=rc.limit)
     origin = sch.start_of(study, stage)
-    result = refine(s.space, s.resident, s.live, start, gold, steps=rc.steps, lr=rc.lr,
-                    batch_items=rc.batch_items, loss=rc.loss, seed=s.cfg.seed)
+    try:
+        gold = evaluator_gold(s.evaluator, s.tokenizer, limit=rc.limit)
+        result = refine(s.space, s.resident, s.live, start, gold, steps=rc.steps, lr=rc.lr,
+                        batch_items=rc.batch_items, loss=rc.loss, seed=s.cfg.seed)
+    except (NotRefinable, torch.OutOfMemoryError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
     info = result.summary()
-    say(f"refined trial {origin} by gradient ({rc.steps} Adam steps, {rc.loss} on {len(gold.items)} search "
-        f"items): loss {info['loss_start']:.4f} -> {info['loss_end']:.4f} in {info['seconds']:.1f}s")
+    say(f"refined trial {origin} by gradient ({info['steps']} Adam steps, {rc.loss} on {len(gold.items)} "
+        f"search items): loss {info['loss_start']:.4f} -> {info['loss_end']:.4f} in {info['seconds']:.1f}s")
     study.enqueue_trial(result.params, user_attrs={STAGE_ATTR: stage.name, "refined_from": origin,
                                                    "refine": info})
+    return None

@@ -109,6 +109,16 @@ def extended(plan: Sequence[Stage], n_trials: int) -> list[Stage]:
     return [st if i < last else replace(st, end=st.end + grow) for i, st in enumerate(plan)]
 
 
+def collapse(plan: Sequence[Stage], name: str) -> list[Stage]:
+    """The plan with stage `name` made empty (it ends where the one before it ends): the next stage takes
+    its trials. Used when a refine stage cannot run."""
+    out, prev = [], 0
+    for st in plan:
+        out.append(replace(st, end=prev) if st.name == name else st)
+        prev = out[-1].end
+    return out
+
+
 def stage_of(plan: Sequence[Stage], finished: int) -> Stage | None:
     """The stage the next trial belongs to when the study has `finished` finished trials."""
     return next((st for st in plan if finished < st.end), None)

@@ -3,6 +3,7 @@ refinement lowers the search loss, and methods it cannot differentiate are refus
 
 import json
 
+import optuna
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -160,3 +161,59 @@ def test_methods_that_are_not_linear_in_their_weights_are_refused(loaded):
     dare = space_for(models, "dare_linear")
     with pytest.raises(NotRefinable, match="random masks"):
         MergeGraph(dare, resident, dare.baseline({"weight": 0.7, "density": 0.5}))
+
+
+def lm_cfg(tiny_models, tmp_path, task_dir, n_trials, stages):
+    from ..test_runner import make_cfg
+
+    cfg = make_cfg(tiny_models, tmp_path, n_trials=n_trials, sampler={"name": "cmaes"},
+                   search={"stages": stages, "refine": {"steps": 6, "lr": 0.2, "batch_items": 0}},
+                   export={"enabled": False})
+    cfg.evaluator = OmegaConf.create({"name": "lm_eval", "include_path": [str(task_dir)], "batch_size": 8,
+                                      "max_length": 64, "tasks": [
+                                          {"name": f"toy_gold_{k}", "search_split": "search", "heldout_split": "heldout"}
+                                          for k in ("multiple_choice", "loglikelihood")]})
+    return cfg
+
+
+def test_refine_stage_is_a_scored_trial_of_the_study(tiny_models, tmp_path, task_dir):
+    from optimizer.runner import run
+    from optimizer.search import schedule as sch
+
+    from ..test_runner import load
+
+    cfg = lm_cfg(tiny_models, tmp_path, task_dir, 5, [{"name": "refine", "kind": "refine"}, {"name": "fine"}])
+    assert run(cfg) == 0
+    study = load(cfg)
+    refined = study.trials[2]
+    assert refined.user_attrs["stage"] == "refine" and refined.state == optuna.trial.TrialState.COMPLETE
+    info = refined.user_attrs["refine"]
+    assert info["steps"] == 6 and info["loss_end"] < info["loss_start"]
+    start = study.trials[refined.user_attrs["refined_from"]]
+    assert start.user_attrs.get("baseline") and start.value == max(t.value for t in study.trials[:2])
+    assert refined.params != start.params and "scores" in refined.user_attrs
+    assert [st.name for st in sch.recorded_plan(study)] == ["baselines", "refine", "fine"]
+    assert [t.user_attrs["stage"] for t in study.trials[3:]] == ["fine", "fine"]
+    assert run(cfg) == 0 and len(load(cfg).trials) == 5  # resumed at its total: nothing is refined again
+
+
+def test_refine_that_cannot_run_gives_its_trial_to_the_next_stage(tiny_models, tmp_path, task_dir, monkeypatch):
+    from optimizer.runner import run
+    from optimizer.search import loop
+    from optimizer.search import schedule as sch
+
+    from ..test_runner import load
+
+    calls = []
+
+    def blocker(s):  # fine when the plan is made, refused when the stage starts (e.g. out of memory)
+        calls.append(1)
+        return None if len(calls) == 1 else "simulated failure"
+
+    monkeypatch.setattr(loop, "refine_blocker", blocker)
+    cfg = lm_cfg(tiny_models, tmp_path, task_dir, 5, [{"name": "refine", "kind": "refine"}, {"name": "fine"}])
+    assert run(cfg) == 0
+    study = load(cfg)
+    assert [t.user_attrs["stage"] for t in study.trials] == ["baselines"] * 2 + ["fine"] * 3
+    assert [(st.name, st.end) for st in sch.recorded_plan(study)] == [("baselines", 2), ("refine", 2), ("fine", 5)]
+    assert "simulated failure" in study.user_attrs["search_notes"][-1]
