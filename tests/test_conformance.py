@@ -22,6 +22,8 @@ from optimizer.resources import CONF_DIR
 from optimizer.runner import run
 from optimizer.study import PRUNERS, SAMPLERS, build_pruner, build_sampler, build_storage
 
+from .postgres_server import postgres  # noqa: F401  (fixture: skips, saying why, without a server)
+
 BASELINES = [{"weight": 1.0}, {"weight": 0.5}]
 BOUNDS = (0.0, 1.5)
 N_TRIALS = 5  # two baselines, then three draws of the sampler
@@ -162,14 +164,8 @@ def test_storage_kinds_are_known():
 def storage_node(request, tmp_path):
     kind = request.param
     node = conf_node("storage", kind)
-    if kind == "postgresql":
-        url = os.environ.get(node.url_env)
-        if not url:
-            try:
-                url = request.getfixturevalue("postgres_url")
-            except pytest.FixtureLookupError:
-                pytest.skip(f"no PostgreSQL server: set {node.url_env} (postgresql://...) to run this here; "
-                            "tests/test_recovery.py covers PostgreSQL with its own server")
+    if kind == "postgresql":  # a throwaway server (tests/postgres_server.py), or the one $OPTUNA_STORAGE_URL names
+        url = os.environ.get(node.url_env) or request.getfixturevalue("postgres")
         node.url = url  # a shared server: each test run uses a study name of its own
     return node
 
