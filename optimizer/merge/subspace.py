@@ -44,9 +44,19 @@ def _f(deltas: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> list[Ten
     return [d.to(dtype) for d in deltas]
 
 
+def svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD in the input's dtype; LAPACK's divide-and-conquer can fail to converge on ill-conditioned
+    float32 inputs (e.g. Iso-CTS's overlapping task subspaces), so a failure is retried in float64."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
 def polar(a: Tensor) -> Tensor:
     """The orthogonal polar factor P Q^T of a = P S Q^T (the closest matrix with orthonormal columns/rows)."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    p, _, qh = svd(a)
     return p @ qh
 
 
@@ -59,7 +69,7 @@ def tsv_components(deltas: Sequence[Tensor], name: str) -> list[Tensor]:
         return [(d.float() / n).to(dtype) for d in deltas]
     us, ss, vs = [], [], []
     for d in _f(deltas):
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = svd(d)
         us.append(u[:, :k])
         ss.append(s[:k])
         vs.append(vh[:k])
@@ -72,7 +82,7 @@ def iso_c_delta(deltas: Sequence[Tensor], name: str) -> Tensor:
     total = sum(_f(deltas))
     if not is_matrix(deltas[0], name):
         return (total / len(deltas)).to(deltas[0].dtype)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = svd(total)
     return (s.mean() * (u @ vh)).to(deltas[0].dtype)
 
 
@@ -89,12 +99,12 @@ def iso_cts_delta(deltas: Sequence[Tensor], name: str, fraction: float) -> Tenso
     total = sum(fs)
     if not is_matrix(deltas[0], name):
         return (total / len(deltas)).to(deltas[0].dtype)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = svd(total)
     common, per_task = cts_sizes(min(total.shape), len(deltas), fraction)
     uc = u[:, :common]
     us, ss, vs = [uc], [s[:common]], [vh[:common]]
     for d in fs:
-        ut, st, vth = torch.linalg.svd(d - uc @ (uc.T @ d), full_matrices=False)
+        ut, st, vth = svd(d - uc @ (uc.T @ d))
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vs.append(vth[:per_task])

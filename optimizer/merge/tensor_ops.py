@@ -141,3 +141,8 @@ def memoised(tensors: Sequence[Tensor], key: tuple, compute: Callable[[], Any]) 
     refs = tuple(weakref.ref(t, lambda _, k=k: _MEMO.pop(k, None)) for t in tensors)
     _MEMO[k] = (refs, versions, value)
     return value
+
+
+def clear_memo() -> None:
+    """Drop every memoised value (a benchmark measuring several methods on the same tensors)."""
+    _MEMO.clear()

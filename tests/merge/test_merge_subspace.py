@@ -115,3 +115,21 @@ def test_iso_cts_fraction_is_part_of_the_memo_key():
     b = f(torch.zeros(16, 16), ds, {}, {"alpha": 1.0, "common_fraction": 0.3}, name="w")
     torch.testing.assert_close(b.double(), paper.iso_cts(ds, 0.3), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, b)
+
+
+def test_svd_failure_in_float32_is_retried_in_float64(monkeypatch):
+    """LAPACK's float32 divide-and-conquer SVD can fail to converge on Iso-CTS's overlapping subspaces (seen in
+    benchmarks/merge_kernels.py); the decomposition is then done in float64."""
+    real = torch.linalg.svd
+
+    def flaky(a, full_matrices=True):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices)
+
+    ds = tasks(3, (16, 16), seed=6)
+    want = subspace.iso_cts_delta(ds, "w", 0.8)
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    got = subspace.iso_cts_delta(ds, "w", 0.8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
 """mergekit recipes, read and written: the one home of the mergekit YAML format.
 
-- ``schema``: the recipe as frozen data (``models:`` and ``slices:`` forms), parameter settings (filters,
-  gradients) and their per-tensor values with mergekit's defaults; round-trip dump.
+- ``settings``: parameter settings (scalars, gradients, filters) and their value at one tensor and layer.
+- ``schema``: the recipe as frozen data (``models:`` and ``slices:`` forms) and each parameter's value per
+  slice, model and tensor with mergekit's precedence and defaults; round-trip dump.
 - ``layout``: a recipe laid out against its checkpoints, output tensor by output tensor (frankenmerge slices).
 - ``inputs``: a recipe file resolved for ``python -m optimizer.merge`` (checkpoints located and checked, the
   ``merge_optimizer`` extension key, per-tensor parameter values).
