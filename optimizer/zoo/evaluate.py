@@ -9,7 +9,7 @@ import io
 import logging
 from pathlib import Path
 
-from . import EXPERTS, TASKS_DIR, ZOO_TASKS, ZOO_TASKS_HELDOUT
+from .layout import EXPERTS, TASKS_DIR, ZOO_TASKS, ZOO_TASKS_HELDOUT
 
 SPLIT_TASKS = {"search": ZOO_TASKS, "heldout": ZOO_TASKS_HELDOUT}
 
