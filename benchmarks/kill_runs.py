@@ -1,6 +1,7 @@
 """Random kill -9 runs of one study, each followed by a rerun, on the demo zoo: prints what every kill did.
 
-Each round starts the worker with a higher `n_trials`, kills it with SIGKILL at a random point of a random
+After one unkilled warm-up run (timings, and a best/ that later exports replace), each round starts the
+worker with a higher `n_trials`, kills it with SIGKILL at a random point of a random
 phase (start-up: a random time before its first trial; mid-trial: inside its first trial; export: while
 the best model is scored and written), then checks the study and the run folder. A final run without a kill
 finishes the study. Columns:
@@ -180,7 +181,7 @@ def kill_round(cmd: list[str], env: dict[str, str], r: Round, rng: random.Random
         alive = started is not None and w.sleep_until(started + rng.uniform(0.05, 0.95) * timing.trial)
     else:
         t = w.wait_for(last, 1800)
-        alive = t is not None and w.sleep_until(t + rng.uniform(0.05, 0.9) * timing.export)
+        alive = t is not None and w.sleep_until(t + rng.uniform(0.3, 1.0) * timing.export)  # writes come last
     if alive:
         r.at = w.kill()
         r.killed = True
@@ -225,10 +226,19 @@ class Summary:
 
 
 def kill_loop(command: Callable[[int], list[str]], url: str, study: str, run_dir: Path, kills: int, step: int,
-              rng: random.Random, env: dict[str, str], say: Callable[[str], None] = print) -> Summary:
-    """`kills` random kill -9 rounds of `command(n_trials)`, then a final run to the last target."""
+              rng: random.Random, env: dict[str, str], say: Callable[[str], None] = print,
+              warmup: bool = False) -> Summary:
+    """`kills` random kill -9 rounds of `command(n_trials)`, then a final run to the last target (after an
+    unkilled warm-up run with `warmup`)."""
     timing = Timing()
     rounds: list[Round] = []
+    if warmup:  # one run without a kill: real timings (the export's above all) and a best/ to be replaced
+        w = Worker(command(step), env)
+        if w.finish(3600):
+            say(w.text()[-3000:])
+        learn(w, timing, step)
+        say(f"  warm-up run: {step} trials, start-up {timing.startup:.0f}s, trial {timing.trial:.1f}s, "
+            f"export {timing.export:.0f}s")
     phases = [PHASES[i % 3] for i in range(kills)]
     rng.shuffle(phases)
     for i, phase in enumerate(phases):
@@ -304,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.kills} kill -9 runs of study {args.study!r} under {run_root}\n{HEADER}", flush=True)
     summary = kill_loop(lambda n: [*base, f"n_trials={n}"], f"sqlite:///{run_dir / 'study.db'}", args.study,
                         run_dir, args.kills, args.step, random.Random(args.seed),
-                        {**os.environ, "PYTHONUNBUFFERED": "1"}, say=lambda line: print(line, flush=True))
+                        {**os.environ, "PYTHONUNBUFFERED": "1"}, say=lambda line: print(line, flush=True),
+                        warmup=True)
     report(summary)
     return 0 if summary.ok else 1
 

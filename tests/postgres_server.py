@@ -3,7 +3,8 @@
 `postgres` (session fixture) runs `initdb` into a temporary folder and starts the server on a free port of
 127.0.0.1 with password authentication (and trust on its private unix socket), as the `postgres` user when
 the tests run as root. It yields `postgresql://mo:PASSWORD@127.0.0.1:PORT/optuna`. Tests that use it skip,
-saying why, where the server binaries or the Python driver are missing.
+saying why, where the server binaries or the Python driver are missing (and fail instead with
+MERGE_OPTIMIZER_POSTGRES=require, which .ci/postgres-env prints).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ import pytest
 
 PASSWORD = "Pg-t3st-s3cret"
 INSTALL = "run .ci/postgres-env (apt-get install -y postgresql) to run it"
+REQUIRED = os.environ.get("MERGE_OPTIMIZER_POSTGRES") == "require"  # set by .ci/postgres-env: fail, not skip
+
+
+def _skip(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"MERGE_OPTIMIZER_POSTGRES=require but {reason}")
+    pytest.skip(reason)
 
 
 def server_bin(name: str) -> str | None:
@@ -43,12 +51,12 @@ def _free_port() -> int:
 def postgres() -> Iterator[str]:
     initdb, pg_ctl = server_bin("initdb"), server_bin("pg_ctl")
     if not (initdb and pg_ctl):
-        pytest.skip(f"PostgreSQL server binaries (initdb, pg_ctl) are not installed; {INSTALL}")
+        _skip(f"PostgreSQL server binaries (initdb, pg_ctl) are not installed; {INSTALL}")
     if not (find_spec("psycopg") or find_spec("psycopg2")):
-        pytest.skip("no PostgreSQL driver: pip install 'merge-optimizer[postgresql]'")
+        _skip("no PostgreSQL driver: pip install 'merge-optimizer[postgresql]'")
     as_root = os.geteuid() == 0
     if as_root and not shutil.which("runuser"):
-        pytest.skip("running as root without runuser: PostgreSQL refuses to run as root")
+        _skip("running as root without runuser: PostgreSQL refuses to run as root")
     root = Path(tempfile.mkdtemp(prefix="mo-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()
@@ -67,13 +75,13 @@ def postgres() -> Iterator[str]:
            "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
     if r.returncode:
         shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"initdb failed: {r.stderr.strip()[-300:]}")
+        _skip(f"initdb failed: {r.stderr.strip()[-300:]}")
     opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
     r = sh(pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "-t", "60", "start")
     if r.returncode:
         log = (root / "log").read_text(errors="replace")[-500:] if (root / "log").exists() else ""
         shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"the PostgreSQL server did not start: {r.stderr.strip()[-300:]} {log}")
+        _skip(f"the PostgreSQL server did not start: {r.stderr.strip()[-300:]} {log}")
     try:
         import sqlalchemy
 
