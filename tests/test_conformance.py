@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -194,3 +195,30 @@ def test_storage_runs_resumes_and_exports(tiny_models, tmp_path, storage_node):
     assert [t.user_attrs.get("baseline") for t in trials].count("weight=1.0") == 1
     assert second["best"]["trial"] in {t.number for t in trials}
     assert trials[3].params != trials[2].params  # the resumed run does not replay the first run's draws
+
+
+# -- devices ----------------------------------------------------------------------------------------------
+
+
+def _study_on(tiny_models, tmp_path, device: str, method: str):
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(tiny_models, tmp_path / device, n_trials=4, device=device, sampler={"name": "random"},
+                   merge={"method": method}, export={"enabled": True, "references": False, "heldout_top_k": 2})
+    assert run(cfg) == 0
+    best = json.loads((_run_dir(cfg) / "best" / "scores.json").read_text())["best"]["trial"]
+    return load(cfg).trials, best, load_file(str(_run_dir(cfg) / "best" / "model.safetensors"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_cuda_study_matches_cpu(tiny_models, tmp_path, method):
+    """The same short study with device=cuda and device=cpu: same draws, same scores, same export."""
+    cpu_trials, cpu_best, cpu_model = _study_on(tiny_models, tmp_path, "cpu", method)
+    gpu_trials, gpu_best, gpu_model = _study_on(tiny_models, tmp_path, "cuda", method)
+    assert [t.params for t in gpu_trials] == [t.params for t in cpu_trials]
+    assert [t.value for t in gpu_trials] == pytest.approx([t.value for t in cpu_trials], abs=1e-6)
+    assert gpu_best == cpu_best and gpu_model.keys() == cpu_model.keys()
+    for name, t in cpu_model.items():
+        assert gpu_model[name].device.type == "cpu"  # saved from the GPU, read back like any checkpoint
+        torch.testing.assert_close(gpu_model[name], t, rtol=1e-5, atol=1e-6, msg=name)
