@@ -10,8 +10,9 @@ re-tokenises them; a study scores the same items every trial, so here that work 
         `lm.generate_until` / `lm.loglikelihood_rolling` as they are), then each task's filters,
         `task.process_results` per item and, in `TaskRun.aggregate`, the task's aggregation functions
 
-so a call costs in proportion to the items it scores (chunked scoring for pruning is no dearer than one
-pass), and the results equal `evaluate`'s item by item (tests/eval/test_engine.py checks it on the zoo tasks).
+so a call costs in proportion to the items it scores (on the demo zoo, chunks of 30 items cost ~1.3x a single
+pass per item, from their partly filled last batches; before, each chunk rebuilt its requests), and the
+results equal `evaluate`'s item by item (tests/eval/test_engine.py checks it on the zoo tasks).
 lm-eval is wrapped, never patched: only its public Task/Instance/LM interfaces are called, plus a task's
 filter list (`task._filters`, which `task.apply_filters()` runs over all instances, here over the scored ones).
 
