@@ -47,9 +47,12 @@ def kernels(device: str, layers: int, hidden: int, models: int, methods: list[st
 
     copy_s = best_time(copy_all, dev, 2)
     rows = [("kernels", f"{params / 1e6:.0f}M bf16 parameters, {models} task vectors, copy {copy_s * 1e3:.0f} ms")]
+    from optimizer.merge.registry import METHODS
+
     for name in methods:
         t = best_time(lambda name=name: run_method(name, base, deltas, out, models), dev, 2)
-        rows.append((f"kernel {name}", f"{t * 1e3:.0f} ms per merge ({(models + 2) / 2 * copy_s / t:.2f}x copy speed)"))
+        k = 1 if METHODS[name].max_models == 1 else models  # as merge_kernels.py counts the bytes moved
+        rows.append((f"kernel {name}", f"{t * 1e3:.0f} ms per merge ({(k + 2) / 2 * copy_s / t:.2f}x copy speed)"))
     return rows
 
 
