@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-trial bench-eval gpu-check
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,12 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/merge_kernels.py
+
+bench-trial: setup
+	$(PY) benchmarks/trial_cost.py --threads 1
+
+bench-eval: setup
+	$(PY) benchmarks/eval_cost.py && $(PY) benchmarks/pruning_cost.py
+
+gpu-check: setup
+	bash benchmarks/gpu_check.sh
