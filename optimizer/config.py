@@ -125,7 +125,10 @@ class RefineConfig:
     Args:
         steps, lr: Adam steps and learning rate (in weight units).
         batch_items: items per step (0: every search item each step).
-        loss: `ce` (cross-entropy of the gold answers) or `entropy` (of the predictions; needs no gold).
+        loss: `ce` (cross-entropy of the gold answers), `prob` (minus their probability, as the `prob` search
+            metric), `soft_acc` (minus sigmoid(margin / temperature): a differentiable accuracy) or `entropy`
+            (of the predictions over the choices; needs no gold).
+        temperature: of `soft_acc`, in log-probability units.
         limit: at most this many search items per task are used (null: all).
     """
 
@@ -133,6 +136,7 @@ class RefineConfig:
     lr: float = 0.05
     batch_items: int = 90
     loss: str = "ce"
+    temperature: float = 1.0
     limit: int | None = None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -139,9 +139,19 @@ def evaluator_gold(evaluator: Any, tokenizer: Any, split: str = SEARCH, limit: i
                       evaluator.cfg.max_length)
 
 
+class RequestScores(NamedTuple):
+    """Per request: the continuation's summed log-prob, whether it is the greedy decoding (lm-eval's
+    `is_greedy`), and its smallest per-token gap: gold token log-prob minus the best other token's, over
+    the continuation (> 0 at every token iff it is the greedy decoding, ties aside)."""
+
+    logprob: torch.Tensor
+    greedy: torch.Tensor
+    gap: torch.Tensor
+
+
 def request_logprobs(model: Any, gold: GoldSet, batch_size: int = 256, pad_id: int = 0,
-                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of continuation log-probs, is_greedy) per request; differentiable when grad is enabled.
+                     device: torch.device | None = None) -> RequestScores:
+    """Log-likelihoods of every request (see RequestScores); differentiable when grad is enabled.
 
     Args:
         model: a causal LM, or a callable `(input_ids, attention_mask) -> logits` (e.g. a functional call
@@ -156,7 +166,7 @@ def request_logprobs(model: Any, gold: GoldSet, batch_size: int = 256, pad_id: i
             return model(input_ids=ids, attention_mask=mask).logits
     else:
         forward, device = model, device or torch.device("cpu")
-    lps, greedy = [], []
+    lps, greedy, gaps = [], [], []
     order = sorted(range(len(gold.tokens)), key=lambda r: -len(gold.tokens[r]))  # similar lengths per batch
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -179,9 +189,13 @@ def request_logprobs(model: Any, gold: GoldSet, batch_size: int = 256, pad_id: i
         lps.append((tok * scored).sum(-1))
         hit = (logits.argmax(-1) == target) | ~scored
         greedy.append(hit.all(-1))
+        other = logp.scatter(-1, target.clamp(min=0).unsqueeze(-1), float("-inf")).max(-1).values
+        gap = torch.where(scored, tok - other, torch.full_like(tok, float("inf")))
+        gaps.append(gap.min(-1).values)
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(lps)[inv.to(device)], torch.cat(greedy)[inv.to(device)]
+    inv = inv.to(device)
+    return RequestScores(torch.cat(lps)[inv], torch.cat(greedy)[inv], torch.cat(gaps)[inv])
 
 
 def _per_item(gold: GoldSet, lp: torch.Tensor) -> list[torch.Tensor]:
@@ -191,23 +205,38 @@ def _per_item(gold: GoldSet, lp: torch.Tensor) -> list[torch.Tensor]:
     return [lp[torch.tensor(g, device=lp.device)] for g in groups]
 
 
-def item_scores(gold: GoldSet, lp: torch.Tensor, greedy: torch.Tensor) -> dict[str, torch.Tensor]:
+def item_scores(gold: GoldSet, lp: torch.Tensor, greedy: torch.Tensor, gap: torch.Tensor | None = None,
+                temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """Per item: `acc` (as lm-eval scores it), `margin` (gold log-lik minus the best other choice; for a
-    single-request item the gold log-lik itself) and `nll` (cross-entropy of the gold answer: over the
-    choices for multiple choice, the continuation's negative log-likelihood otherwise)."""
-    acc, margin, nll = [], [], []
+    single-request item the gold log-lik itself), `nll` (cross-entropy of the gold answer: over the
+    choices for multiple choice, the continuation's negative log-likelihood otherwise) and `prob` (the
+    gold choice's softmax share, or the continuation's geometric-mean token probability: the evaluator's
+    `prob` search metric). With `gap` (RequestScores.gap) also `soft_acc`: a differentiable accuracy,
+    sigmoid(gap / temperature) of the gold choice's margin over the best other choice, or of the
+    continuation's smallest per-token gap (greedy decoding = every gap > 0)."""
+    acc, margin, nll, prob, soft = [], [], [], [], []
     for item, lps, r0 in zip(gold.items, _per_item(gold, lp), _first_requests(gold), strict=True):
         if item.kind == "multiple_choice":
             g = lps[item.gold]
             others = torch.cat([lps[:item.gold], lps[item.gold + 1:]])
             acc.append((torch.argmax(lps) == item.gold).float())  # first maximum wins ties, as np.argmax
             margin.append(g - others.max() if len(others) else g)
-            nll.append(-torch.log_softmax(lps, 0)[item.gold])
+            share = torch.log_softmax(lps, 0)[item.gold]
+            nll.append(-share)
+            prob.append(share.exp())
+            soft.append(torch.sigmoid(margin[-1] / temperature))
         else:
             acc.append(greedy[r0].float())
             margin.append(lps[0])
             nll.append(-lps[0])
-    return {"acc": torch.stack(acc), "margin": torch.stack(margin), "nll": torch.stack(nll)}
+            prob.append((lps[0] / max(gold.n_cont[r0], 1)).exp())
+            if gap is not None:
+                soft.append(torch.sigmoid(gap[r0] / temperature))
+    out = {"acc": torch.stack(acc), "margin": torch.stack(margin), "nll": torch.stack(nll),
+           "prob": torch.stack(prob)}
+    if gap is not None:
+        out["soft_acc"] = torch.stack(soft)
+    return out
 
 
 def _first_requests(gold: GoldSet) -> list[int]:

@@ -127,16 +127,28 @@ class MergeGraph:
         return out
 
 
-def search_loss(forward: Any, gold: GoldSet, loss: str = "ce", device: torch.device | None = None) -> torch.Tensor:
-    """Weighted mean over tasks of the per-item loss: `ce` (cross-entropy of the gold answer) or
-    `entropy` (of the model's distribution over the choices, or its next token; needs no gold)."""
-    lp, greedy = request_logprobs(forward, gold, device=device)
-    if loss == "ce":
-        per_item = item_scores(gold, lp, greedy)["nll"]
-    elif loss == "entropy":
-        per_item = _choice_entropy(gold, lp)
+LOSSES = ("ce", "prob", "soft_acc", "entropy")
+
+
+def search_loss(forward: Any, gold: GoldSet, loss: str = "ce", device: torch.device | None = None,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Weighted mean over tasks of the per-item loss:
+
+    - `ce`: cross-entropy of the gold answer (over the choices; the continuation's NLL);
+    - `prob`: minus the gold answer's probability (its softmax share over the choices, or the continuation's
+      geometric-mean token probability): bounded, so hopeless items do not dominate as in `ce`;
+    - `soft_acc`: minus a differentiable accuracy, sigmoid(margin / temperature) of the gold choice over the
+      best other one, or of the continuation's smallest per-token gap (what greedy exact match needs);
+    - `entropy`: of the model's distribution over the choices (needs no gold).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}: use one of {', '.join(LOSSES)}")
+    scores = request_logprobs(forward, gold, device=device)
+    if loss == "entropy":
+        per_item = _choice_entropy(gold, scores.logprob)
     else:
-        raise ValueError(f"loss={loss!r}: use ce or entropy")
+        items = item_scores(gold, scores.logprob, scores.greedy, scores.gap, temperature)
+        per_item = {"ce": items["nll"], "prob": -items["prob"], "soft_acc": -items["soft_acc"]}[loss]
     return weighted(gold, task_means(gold, per_item))
 
 
@@ -153,8 +165,8 @@ def _choice_entropy(gold: GoldSet, lp: torch.Tensor) -> torch.Tensor:
 
 
 def refine(space: SearchSpace, resident: Any, live: torch.nn.Module, start: Mapping[str, float], gold: GoldSet,
-           *, steps: int = 30, lr: float = 0.05, batch_items: int = 0, loss: str = "ce", seed: int = 0,
-           on_step: Any = None) -> RefineResult:
+           *, steps: int = 30, lr: float = 0.05, batch_items: int = 0, loss: str = "ce", temperature: float = 1.0,
+           seed: int = 0, on_step: Any = None) -> RefineResult:
     """Adam on the learned weights from `start`; returns the refined parameter values and the loss curve.
 
     Args:
@@ -164,7 +176,7 @@ def refine(space: SearchSpace, resident: Any, live: torch.nn.Module, start: Mapp
         gold: the search split's gold answers (`optimizer.search.gold.evaluator_gold`).
         steps, lr: Adam steps and learning rate (in weight units).
         batch_items: items per step (0: all); drawn per step from `seed`.
-        loss: `ce` or `entropy` (see `search_loss`).
+        loss, temperature: see `search_loss`.
         on_step: optional callback(step, loss).
     """
     t0 = time.perf_counter()
@@ -192,14 +204,14 @@ def refine(space: SearchSpace, resident: Any, live: torch.nn.Module, start: Mapp
 
             if step == steps:  # the final loss, on the whole set, without a step
                 with torch.no_grad():
-                    losses.append(float(search_loss(forward, gold, loss, dev)))
+                    losses.append(float(search_loss(forward, gold, loss, dev, temperature)))
                 break
-            value = search_loss(forward, batch, loss, dev)
+            value = search_loss(forward, batch, loss, dev, temperature)
             if not math.isfinite(value.item()):
                 break
             if step == 0 and batch is not gold:
                 with torch.no_grad():
-                    losses.append(float(search_loss(forward, gold, loss, dev)))
+                    losses.append(float(search_loss(forward, gold, loss, dev, temperature)))
             elif step == 0:
                 losses.append(value.item())
             opt.zero_grad()

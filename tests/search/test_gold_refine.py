@@ -76,7 +76,8 @@ def test_gold_accuracy_is_what_lm_eval_scores(task_dir, tiny_models):
         gold = evaluator_gold(ev, tok)
         assert [i.gold for i in gold.items if i.kind == "multiple_choice"] == [1] * 10
         with torch.no_grad():
-            lp, greedy = request_logprobs(model, gold)
+            lp, greedy, gap = request_logprobs(model, gold)
+        assert torch.equal(gap > 0, greedy)  # greedy decoding = every token's gap over the others positive
         acc = task_means(gold, item_scores(gold, lp, greedy)["acc"])
         want = ev.evaluate(model, tok, "search").tasks
         assert {k: float(v) for k, v in acc.items()} == pytest.approx(want)
@@ -125,12 +126,13 @@ def test_differentiable_merge_is_the_applied_merge(loaded, granularity):
         torch.testing.assert_close(tensors[name], live_params[name].detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_refinement_lowers_the_search_loss(loaded):
+@pytest.mark.parametrize("loss", ["ce", "prob", "soft_acc"])
+def test_refinement_lowers_the_search_loss(loaded, loss):
     models, resident, live, tok = loaded
     space = space_for(models)
     gold = toy_gold(tok)
     start = space.baseline({"weight": 0.5})
-    result = refine(space, resident, live, start, gold, steps=8, lr=0.2, batch_items=0)
+    result = refine(space, resident, live, start, gold, steps=8, lr=0.2, batch_items=0, loss=loss)
     assert result.steps == 8
     assert result.losses[-1] < result.losses[0] - 1e-3
     assert result.params != start and all(0.0 <= v <= 1.5 for v in result.params.values())
@@ -142,7 +144,7 @@ def test_refinement_lowers_the_search_loss(loaded):
         return torch.func.functional_call(live, tensors, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
 
     with torch.no_grad():
-        assert float(search_loss(forward, gold)) == pytest.approx(result.losses[-1], rel=1e-4)
+        assert float(search_loss(forward, gold, loss)) == pytest.approx(result.losses[-1], rel=1e-4)
 
 
 def test_refinement_keeps_the_bounds(loaded):
