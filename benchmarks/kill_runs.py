@@ -15,7 +15,7 @@ finishes the study. Columns:
 The final line checks the issue's criteria: 0 lost, 0 stuck RUNNING, the exact total, a loadable and
 current best/, no temp folders.
 
-    python benchmarks/kill_runs.py                       # 20 kills on the demo zoo (about 30-40 min on 2 CPUs)
+    python benchmarks/kill_runs.py                       # 20 kills on the demo zoo (10-40 min on 2 CPUs)
     python benchmarks/kill_runs.py --kills 5 --seed 1    # fewer
 """
 
@@ -60,7 +60,7 @@ class Round:
 
 @dataclass
 class Timing:
-    """Seconds from launch to the first trial, per trial, and from the last trial to exit (learned as we go)."""
+    """Seconds from launch to the first trial, per trial, and from the last trial to exit (as observed)."""
 
     startup: float = 20.0
     trial: float = 3.0
@@ -253,9 +253,7 @@ def kill_loop(command: Callable[[int], list[str]], url: str, study: str, run_dir
         r.running = running
         r.best, r.temps = export_state(run_dir)
         rounds.append(r)
-        kill = f"{r.at:7.1f}s" if r.killed else "  exited"
-        say(f"{r.run:>3} {r.phase:<9} {r.target:>8} {kill:>8} {r.completed_before:>4} ->{r.completed_after:>4} "
-            f"{r.lost:>4} {r.running:>7} {'':>9} {r.best:>8} {r.temps:>5}  {r.last_line}")
+        say(row(r, recovered=False))
     done, _, finished = study_state(url, study)
     target = max(finished, rounds[-1].target if rounds else 1)
     w = Worker(command(target), env)
@@ -276,16 +274,22 @@ def recovered_by(w: Worker) -> int:
     return int(m[1]) if m else 0
 
 
-HEADER = (f"{'#':>3} {'phase':<9} {'n_trials':>8} {'kill at':>8} {'completed':>10} {'lost':>4} {'running':>7} "
-          f"{'recovered':>9} {'best/':>8} {'temps':>5}  last line before the kill")
+HEADER = (f"{'#':>3} {'phase':<9} {'n_trials':>8} {'kill at':>8} {'completed':>10} {'lost':>4} "
+          f"{'running':>7} {'recovered':>9} {'best/':>8} {'temps':>5}  last line before the kill")
+
+
+def row(r: Round, recovered: bool = True) -> str:
+    kill = f"{r.at:7.1f}s" if r.killed else "  exited"
+    rec = f"{r.recovered:>9}" if recovered else " " * 9
+    done = f"{r.completed_before:>4} ->{r.completed_after:>4}"
+    return (f"{r.run:>3} {r.phase:<9} {r.target:>8} {kill:>8} {done} {r.lost:>4} {r.running:>7} {rec} "
+            f"{r.best:>8} {r.temps:>5}  {r.last_line}")
 
 
 def report(s: Summary, say: Callable[[str], None] = print) -> None:
     say("\n" + HEADER)
     for r in s.rounds:
-        kill = f"{r.at:7.1f}s" if r.killed else "  exited"
-        say(f"{r.run:>3} {r.phase:<9} {r.target:>8} {kill:>8} {r.completed_before:>4} ->{r.completed_after:>4} "
-            f"{r.lost:>4} {r.running:>7} {r.recovered:>9} {r.best:>8} {r.temps:>5}  {r.last_line}")
+        say(row(r))
     by_phase = {p: sum(r.killed for r in s.rounds if r.phase == p) for p in PHASES}
     say(f"\nkills landed: {sum(r.killed for r in s.rounds)}/{len(s.rounds)} "
         f"({', '.join(f'{p} {n}' for p, n in by_phase.items())}); partial exports after a kill: "
@@ -309,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     run_root = Path(args.run_root or tempfile.mkdtemp(prefix="kill-runs-"))
     run_dir = run_root / args.study
-    base = [sys.executable, "-m", "optimizer", f"study_name={args.study}", f"run_root={run_root}", "threads=1",
-            "sampler=tpe", "export.heldout_top_k=2", *args.overrides]
+    base = [sys.executable, "-m", "optimizer", f"study_name={args.study}", f"run_root={run_root}",
+            "threads=1", "sampler=tpe", "export.heldout_top_k=2", *args.overrides]
     print(f"{args.kills} kill -9 runs of study {args.study!r} under {run_root}\n{HEADER}", flush=True)
     summary = kill_loop(lambda n: [*base, f"n_trials={n}"], f"sqlite:///{run_dir / 'study.db'}", args.study,
                         run_dir, args.kills, args.step, random.Random(args.seed),

@@ -78,7 +78,8 @@ class Checkpoint:
             return safe_open(f, framework="pt", device=device)
         except Exception as e:  # SafetensorError (bad header, file shorter than its header says), OSError
             raise UserError(f"{self.what}={self.ref!r}: weight file {str(f)!r} cannot be read ({e}); it is "
-                            "truncated or corrupt (an interrupted download or copy?). Fetch or copy it again.") from None
+                            "truncated or corrupt (an interrupted download or copy?). Fetch or copy it "
+                            "again.") from None
 
     def _index(self, allow_pickle: bool) -> dict[str, Path]:
         p = self.path
@@ -92,8 +93,8 @@ class Checkpoint:
                                 f"({type(e).__name__}: {e}); fetch or copy the model again.") from None
             missing = sorted({f for f in files.values() if not f.is_file()})
             if missing:
-                raise UserError(f"{self.what}={self.ref!r}: shard {str(missing[0])!r} named in {index.name} is "
-                                "missing; fetch or copy the model again.")
+                raise UserError(f"{self.what}={self.ref!r}: shard {str(missing[0])!r} named in {index.name} "
+                                "is missing; fetch or copy the model again.")
             return files
         if (p / "model.safetensors").exists():
             with self._open(p / "model.safetensors") as f:

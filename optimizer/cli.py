@@ -26,7 +26,7 @@ def fail(msg: str) -> None:
 
 def _study_dir(name: Any) -> str:
     """`${study_dir:${study_name}}` in conf/config.yaml's run dir: a bad study_name is exit 2 before Hydra
-    creates any folder (SystemExit passes through OmegaConf and Hydra, which turn exceptions into tracebacks)."""
+    creates any folder (SystemExit passes through OmegaConf and Hydra, which make tracebacks of exceptions)."""
     from optimizer.config import check_study_name
 
     try:
@@ -61,8 +61,8 @@ def save_run_config(cfg: Any) -> None:
         for name, doc in docs.items():
             (out / name).write_text(OmegaConf.to_yaml(OmegaConf.create(redact(doc))), encoding="utf-8")
     except OSError as e:
-        fail(f"cannot write the run record under {str(out)!r}: {e.strerror or e}; point run_root at a writable "
-             "folder.")
+        fail(f"cannot write the run record under {str(out)!r}: {e.strerror or e}; point run_root at a "
+             "writable folder.")
 
 
 def hydra_entry(task: Callable[[Any], int], config_name: str = "config") -> Callable[[], None]:

@@ -34,7 +34,8 @@ PATHS = "paths"
 # Keys of evaluator / judge nodes that change how fast or how robustly scores are computed, not the scores.
 NEUTRAL_KEYS = frozenset({
     "batch_size", "chunk_size", "cache", "cache_path", "parallel", "timeout", "max_retries", "backoff_base",
-    "backoff_max", "jitter", "retry_after_max", "price_input_per_mtok", "price_output_per_mtok", "api_key_env",
+    "backoff_max", "jitter", "retry_after_max", "price_input_per_mtok", "price_output_per_mtok",
+    "api_key_env",
 })
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                "merges.txt", "special_tokens_map.json", "chat_template.jinja")
@@ -64,7 +65,8 @@ def model_identity(ckpt: Checkpoint) -> dict[str, Any]:
     files = sorted({Path(f) for f in ckpt.files.values()} |
                    {root / n for n in (*_SIDE_FILES, "model.safetensors.index.json") if (root / n).is_file()})
     try:
-        digests = {str(f.relative_to(root)) if f.is_relative_to(root) else str(f): file_digest(f) for f in files}
+        digests = {str(f.relative_to(root)) if f.is_relative_to(root) else str(f): file_digest(f)
+                   for f in files}
     except OSError as e:
         raise UserError(f"{ckpt.what}={ckpt.ref!r}: cannot read {e.filename!r} ({e.strerror}).") from None
     return {"files": digests}
@@ -113,7 +115,8 @@ def fingerprint(s: Session) -> dict[str, Any]:
         from optimizer.checkpoint import locate
 
         tok = Path(locate(cfg.models.tokenizer, what="models.tokenizer"))
-        out["models.tokenizer"] = {"files": {n: file_digest(tok / n) for n in _SIDE_FILES if (tok / n).is_file()}}
+        out["models.tokenizer"] = {"files": {n: file_digest(tok / n) for n in _SIDE_FILES
+                                             if (tok / n).is_file()}}
         paths["models.tokenizer"] = str(tok.resolve())
     out["models.dtype"] = str(m.dtype).removeprefix("torch.")
     out["models.vocab_policy"] = m.vocab_policy
@@ -181,7 +184,8 @@ def check(study: optuna.Study, current: dict[str, Any], where: str) -> bool:
         return True
     hint = {"models": "the model folders (or their weights) differ from the ones the study was created with",
             "evaluator": "the evaluator scores differently (tasks, splits, limits, metrics)",
-            "judge": "another judge would rate differently", "objective": "the trial values mean something else",
+            "judge": "another judge would rate differently",
+            "objective": "the trial values mean something else",
             "merge": "the search space differs", "mode": "the search space differs",
             "moe": "the MoE recipe differs"}.get(key.split(".")[0], "the study is defined differently")
     model = next((k for k in current.get(PATHS, {}) if key == k or key.startswith(k + ".")), None)
@@ -192,7 +196,8 @@ def check(study: optuna.Study, current: dict[str, Any], where: str) -> bool:
     else:
         where_models = ""
     raise UserError(f"study {study.study_name!r} in {where} was created with a different {key} "
-                    f"(stored: {_short(_lookup(stored, key))}; now: {_short(_lookup(current, key))}{where_models}): "
+                    f"(stored: {_short(_lookup(stored, key))}; now: {_short(_lookup(current, key))}"
+                    f"{where_models}): "
                     f"{hint}, so "
                     "its scores are not comparable with this run's. Resume it with its original settings, or "
                     "choose a new study_name.")

@@ -1,4 +1,4 @@
-"""Inter-process locks on lock files (fcntl.flock: released by the kernel when the holder dies, even by kill -9).
+"""Inter-process locks on lock files (fcntl.flock: the kernel frees them when the holder dies, kill -9 too).
 
 Reentrant within a process (a function holding the lock may call another that takes it); meant for the main
 thread.

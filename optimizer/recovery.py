@@ -148,7 +148,8 @@ def recover(study: optuna.Study, grace: float, requeue: Callable[[optuna.Study, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # runs the storage's Requeue for each
-        failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]
+        failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                  if t.number in before]
     me = identity()
     for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         if not is_dead(t, me, grace, optuna_heartbeat):
@@ -176,7 +177,8 @@ def study_lock(storage: optuna.storages.BaseStorage, lock_file: Any, name: str) 
         import sqlalchemy
 
         with engine.connect() as conn:
-            key = conn.execute(sqlalchemy.text("SELECT hashtext(:n)"), {"n": f"merge-optimizer/{name}"}).scalar()
+            key = conn.execute(sqlalchemy.text("SELECT hashtext(:n)"),
+                               {"n": f"merge-optimizer/{name}"}).scalar()
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:
                 yield
@@ -188,7 +190,8 @@ def study_lock(storage: optuna.storages.BaseStorage, lock_file: Any, name: str) 
 def count(study: optuna.Study) -> tuple[int, list[int]]:
     """(finished trials, numbers of RUNNING trials)."""
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-    return (sum(t.state in FINISHED for t in trials), [t.number for t in trials if t.state == TrialState.RUNNING])
+    running = [t.number for t in trials if t.state == TrialState.RUNNING]
+    return sum(t.state in FINISHED for t in trials), running
 
 
 class StopAtTotal:
@@ -221,8 +224,8 @@ class Guard:
     leave room, so two workers racing for the last slot agree on who gets it.
     """
 
-    def __init__(self, objective: Callable[[optuna.Trial], Any], n_trials: int, heartbeat_interval: float | None,
-                 recover: Callable[[], object]):
+    def __init__(self, objective: Callable[[optuna.Trial], Any], n_trials: int,
+                 heartbeat_interval: float | None, recover: Callable[[], object]):
         self.objective = objective
         self.n_trials = n_trials
         self.heartbeat_interval = heartbeat_interval
@@ -249,7 +252,8 @@ class Guard:
     def _give_back(self, trial: optuna.Trial) -> None:
         """Mark the trial as surplus, stop this worker, and put enqueued parameters back in the queue."""
         study = trial.study
-        trial.set_user_attr("fail_reason", f"{SURPLUS}: other workers run the last of the {self.n_trials} trials")
+        trial.set_user_attr("fail_reason",
+                            f"{SURPLUS}: other workers run the last of the {self.n_trials} trials")
         trial.set_user_attr(SURPLUS, True)
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         fixed = frozen.system_attrs.get("fixed_params")

@@ -175,7 +175,8 @@ def run(cfg: DictConfig) -> int:
     except (OSError, sqlalchemy.exc.OperationalError) as e:
         if not disk_trouble(e):
             raise
-        raise UserError(f"cannot write under run_root={cfg.run_root!r}: {redact_text(str(e).splitlines()[0])}. "
+        why = redact_text(str(e).splitlines()[0])
+        raise UserError(f"cannot write under run_root={cfg.run_root!r}: {why}. "
                         "Free some space or point run_root at a writable folder, then rerun the same command "
                         "to resume.") from None
     finally:
@@ -208,8 +209,8 @@ def _run(s: Session) -> int:
     cfg = s.cfg
     storage, current = check_study(s)  # before loading: storage and resume errors cost nothing
     if cfg.storage.url and has_password(cfg.storage.url):
-        console.print(f"[yellow]storage.url holds a password; it is redacted in everything written, but prefer "
-                      f"the environment variable {cfg.storage.url_env}[/]")
+        console.print("[yellow]storage.url holds a password; it is redacted in everything written, but "
+                      f"prefer the environment variable {cfg.storage.url_env}[/]")
     load(s)
     study = open_study(s, storage, current)
     for parent in (s.run_dir, s.run_dir / "pareto"):

@@ -20,8 +20,8 @@ _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)(?P<pw>[^\
 # libpq keyword/value and query-string forms: password=..., ?password=...&
 _KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd|pwd)\s*=\s*)(?P<pw>[^\s&;'\"]+)", re.IGNORECASE)
 # config keys whose string value is itself a secret (api_key_env holds a variable NAME and is kept)
-_SECRET_KEY = re.compile(r"^(?:.*_)?(?:password|passwd|secret|api_key|apikey|access_token|auth_token|hf_token)$",
-                         re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"^(?:.*_)?(?:password|passwd|secret|api_key|apikey|access_token|auth_token|hf_token)$", re.IGNORECASE)
 
 _known: set[str] = set()
 

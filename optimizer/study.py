@@ -101,8 +101,8 @@ def storage_url(cfg: Any, run_dir: Path) -> str | None:
     if cfg.kind == "sqlite":
         url = cfg.url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
         if not url.startswith("sqlite:///"):
-            raise UserError(f"storage.url={redact_text(url)!r} is not an SQLite URL (sqlite:///path/study.db); "
-                            "for a server use storage=postgresql.")
+            raise UserError(f"storage.url={redact_text(url)!r} is not an SQLite URL "
+                            "(sqlite:///path/study.db); for a server use storage=postgresql.")
         return url
     if cfg.kind == "journal":
         return cfg.url or str((run_dir / "journal.log").resolve())
@@ -127,14 +127,14 @@ def url_source(cfg: Any) -> str:
 
 
 def with_driver(url: str) -> str:
-    """A PostgreSQL URL with a driver SQLAlchemy can load (UserError naming the extra when none is installed)."""
+    """A PostgreSQL URL with a driver SQLAlchemy can load (UserError naming the extra if none is installed)."""
     from importlib.util import find_spec
 
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.split("+")[0] not in ("postgresql", "postgres"):
         raise UserError(f"storage=postgresql: {redact_text(url)!r} is not a PostgreSQL URL; write "
-                        "postgresql://user:password@host:5432/database (password preferably in the environment "
-                        "variable storage.url_env names).")
+                        "postgresql://user:password@host:5432/database (the password preferably in the "
+                        "environment variable storage.url_env names).")
     driver = scheme.partition("+")[2]
     module = {"": None, "psycopg": "psycopg", "psycopg2": "psycopg2"}.get(driver, driver)
     if module is None:
@@ -183,7 +183,8 @@ def build_storage(cfg: Any, run_dir: Path) -> optuna.storages.BaseStorage:
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat args
                     return optuna.storages.RDBStorage(
                         url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
-                        grace_period=grace_seconds(cfg), heartbeat_stale_trial_callback=Requeue(cfg.max_retry))
+                        grace_period=grace_seconds(cfg),
+                        heartbeat_stale_trial_callback=Requeue(cfg.max_retry))
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 if attempt == 4:
                     raise

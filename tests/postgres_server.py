@@ -1,4 +1,4 @@
-"""A real, throwaway PostgreSQL server for the tests (Debian's `postgresql` package; .ci/postgres-env installs it).
+"""A real, throwaway PostgreSQL server for the tests (Debian's `postgresql`; .ci/postgres-env installs it).
 
 `postgres` (session fixture) runs `initdb` into a temporary folder and starts the server on a free port of
 127.0.0.1 with password authentication (and trust on its private unix socket), as the `postgres` user when

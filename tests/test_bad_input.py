@@ -159,7 +159,8 @@ def no_loading(monkeypatch):
 def _corrupt_header(cfg, tmp_path, tiny_models, monkeypatch):
     bad = copy_model(tiny_models["a"], tmp_path / "corrupt")
     data = (bad / "model.safetensors").read_bytes()
-    (bad / "model.safetensors").write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{not json, not a header}" + data[40:])
+    header = b"\x20\x00\x00\x00\x00\x00\x00\x00{not json, not a header}"
+    (bad / "model.safetensors").write_bytes(header + data[40:])
     return {"models": {"models": {"a": str(bad)}}}, "weight file"
 
 
@@ -170,7 +171,8 @@ def _missing_shard(cfg, tmp_path, tiny_models, monkeypatch):
 
 
 def _nan_bounds_resume(cfg, tmp_path, tiny_models, monkeypatch):
-    return {"merge": {"bounds": {"weight": [float("nan"), 1.0]}}}, "merge.bounds.weight=[nan, 1.0] must be finite"
+    return {"merge": {"bounds": {"weight": [float("nan"), 1.0]}}}, \
+        "merge.bounds.weight=[nan, 1.0] must be finite"
 
 
 def _remote_code(cfg, tmp_path, tiny_models, monkeypatch):
@@ -228,7 +230,8 @@ def _cuda_missing(cfg, tmp_path, tiny_models, monkeypatch):
 
 
 def _other_models(cfg, tmp_path, tiny_models, monkeypatch):
-    return {"models": {"models": {"a": str(tiny_models["b"])}}}, "different models.models.a.files.model.safetensors"
+    return {"models": {"models": {"a": str(tiny_models["b"])}}}, \
+        "different models.models.a.files.model.safetensors"
 
 
 def _weights_changed(cfg, tmp_path, tiny_models, monkeypatch):
@@ -245,7 +248,8 @@ def _evaluator_tasks(cfg, tmp_path, tiny_models, monkeypatch):
 
 
 def _objective(cfg, tmp_path, tiny_models, monkeypatch):
-    return {"objective": {"objectives": [{"name": "w", "weights": {"l0": 2.0, "l1": 1.0}}]}}, "different objective"
+    return {"objective": {"objectives": [{"name": "w", "weights": {"l0": 2.0, "l1": 1.0}}]}}, \
+        "different objective"
 
 
 def _bad_study_name(cfg, tmp_path, tiny_models, monkeypatch):
@@ -256,8 +260,10 @@ RESUME_CASES = {
     "corrupt safetensors header": _corrupt_header, "sharded checkpoint missing a shard": _missing_shard,
     "NaN bounds on resume": _nan_bounds_resume, "remote-code base": _remote_code,
     "MoE calibrate.steps a string": _moe_calibrate_steps, "MoE calibrate.lr a string": _moe_calibrate_lr,
-    "storage=postgresql without a driver": _no_driver, "storage=postgresql with a mysql URL": _postgres_url_not_postgres,
-    "storage=postgresql without a URL": _postgres_no_url, "sqlite storage.url not SQLite": _sqlite_url_not_sqlite,
+    "storage=postgresql without a driver": _no_driver,
+    "storage=postgresql with a mysql URL": _postgres_url_not_postgres,
+    "storage=postgresql without a URL": _postgres_no_url,
+    "sqlite storage.url not SQLite": _sqlite_url_not_sqlite,
     "grace period under the heartbeat": _grace_period, "device=cuda:7 without CUDA": _cuda_missing,
     "resume: other model behind a name": _other_models, "resume: weights changed in place": _weights_changed,
     "resume: evaluator.limit changed": _evaluator_limit, "resume: evaluator tasks changed": _evaluator_tasks,
@@ -278,7 +284,8 @@ def test_bad_input_is_a_user_error_before_loading_and_adds_nothing(case, tiny_mo
         from safetensors.torch import load_file, save_file
 
         sd = load_file(str(a / "model.safetensors"))
-        save_file({k: v * 1.01 for k, v in sd.items()}, str(a / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v * 1.01 for k, v in sd.items()}, str(a / "model.safetensors"),
+                  metadata={"format": "pt"})
     with no_loading(monkeypatch), pytest.raises(UserError) as e:
         run(OmegaConf.merge(cfg, {"n_trials": 4}, over))
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -294,7 +301,8 @@ def tmpfs(path: Path, options: str):
     if os.geteuid() != 0 or not shutil.which("mount"):
         yield None
         return
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                       text=True)
     if r.returncode:
         yield None
         return
@@ -312,7 +320,8 @@ def test_read_only_run_root(tiny_models, tmp_path):
             ro = tmp_path / "ro"
             ro.chmod(0o555)
         cfg = make_cfg(tiny_models, tmp_path, n_trials=2, run_root=str(ro / "runs"))
-        with pytest.raises(UserError, match=r"run_root=.* is not writable \((read-only file system|Permission)"):
+        with pytest.raises(UserError,
+                           match=r"run_root=.* is not writable \((read-only file system|Permission)"):
             run(cfg)
 
 
@@ -340,7 +349,8 @@ def test_disk_full_during_an_export_keeps_the_previous_one(tiny_models, tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
-    with pytest.raises(UserError, match=r"cannot write the export .*best.*No space left on device \(disk full\)"):
+    with pytest.raises(UserError,
+                       match=r"cannot write the export .*best.*No space left on device \(disk full\)"):
         run(OmegaConf.merge(study, {"n_trials": 3}))
     assert (best / "scores.json").read_text() == before  # the previous export is untouched
     assert not [p for p in best.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

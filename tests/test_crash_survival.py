@@ -1,8 +1,8 @@
-"""kill -9 at random points (start-up, mid-trial, export), then rerun: nothing completed is lost, nothing stays
-RUNNING, the study reaches its exact total, best/ loads and is current, and no temp folder is left.
+"""kill -9 at random points (start-up, mid-trial, export), then rerun: nothing completed is lost, nothing
+stays RUNNING, the study reaches its exact total, best/ loads and is current, and no temp folder is left.
 
-The loop is benchmarks/kill_runs.py's (which runs it on the demo zoo with the real CLI); here the worker is the
-toy one on the tiny models, slowed to 0.3 s per evaluation so that kills land inside trials and exports.
+The loop is benchmarks/kill_runs.py's (which runs it on the demo zoo with the real CLI); here the worker is
+the toy one on the tiny models, slowed to 0.3 s per evaluation so that kills land inside trials and exports.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def test_random_kill_9_loses_nothing_and_the_rerun_finishes(tiny_models, tmp_pat
 
     lines: list[str] = []
     summary = kill_loop(command, f"sqlite:///{run_root / 'crash' / 'study.db'}", "crash", run_root / "crash",
-                        KILLS, 2, random.Random(seed), {**os.environ, "PYTHONUNBUFFERED": "1"}, say=lines.append)
+                        KILLS, 2, random.Random(seed), {**os.environ, "PYTHONUNBUFFERED": "1"},
+                        say=lines.append)
     report(summary, lines.append)
     table = f"CRASH_SEED={seed}\n" + "\n".join(lines)
     print(table)

@@ -1,5 +1,5 @@
-"""Crash recovery: trials of dead workers are failed and re-enqueued at start-up, baselines re-run, exact totals,
-export leftovers cleaned. The real kill -9 loop is tests/test_crash_survival.py."""
+"""Crash recovery: trials of dead workers are failed and re-enqueued at start-up, baselines re-run, exact
+totals, export leftovers cleaned. The real kill -9 loop is tests/test_crash_survival.py."""
 
 import os
 import subprocess

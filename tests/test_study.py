@@ -23,13 +23,16 @@ def test_redaction_covers_urls_libpq_and_secret_keys():
     assert redact_text("postgresql://bob:pa55word@db:5432/x?sslmode=require") == \
         "postgresql://bob:***@db:5432/x?sslmode=require"
     assert redact_text("redis://:tok3n@host/0") == "redis://:***@host/0"
-    assert redact_text("host=db user=bob password=pa55word dbname=x") == "host=db user=bob password=*** dbname=x"
+    assert redact_text("host=db user=bob password=pa55word dbname=x") == \
+        "host=db user=bob password=*** dbname=x"
     assert redact_text("sqlite:////tmp/x.db and http://host:8000/v1") == "sqlite:////tmp/x.db and http://host:8000/v1"
     remember("postgresql://bob:rememb3red@db/x")
     assert redact_text("FATAL: bad password rememb3red") == "FATAL: bad password ***"
-    doc = redact({"storage": {"url": "postgresql://a:b1c2d3@h/d"}, "judge": {"api_key": "sk-123", "api_key_env": "K"},
+    doc = redact({"storage": {"url": "postgresql://a:b1c2d3@h/d"},
+                  "judge": {"api_key": "sk-123", "api_key_env": "K"},
                   "list": ["x", "mysql://u:p4ssw0rd@h/d"], "n": 3})
-    assert doc == {"storage": {"url": "postgresql://a:***@h/d"}, "judge": {"api_key": "***", "api_key_env": "K"},
+    assert doc == {"storage": {"url": "postgresql://a:***@h/d"},
+                   "judge": {"api_key": "***", "api_key_env": "K"},
                    "list": ["x", "mysql://u:***@h/d"], "n": 3}
 
 
@@ -46,10 +49,10 @@ def test_postgres_url_gets_an_installed_driver(monkeypatch, tmp_path):
 
 
 def test_fingerprint_names_the_first_difference(tmp_path):
-    stored = {"models.base": {"path": "/m/base", "files": {"model.safetensors": "10:aa"}}, "evaluator": {"limit": 5}}
+    stored = {"models.base": {"files": {"model.safetensors": "10:aa"}}, "evaluator": {"limit": 5}}
     assert first_difference(stored, stored) is None
     assert first_difference(stored, {**stored, "evaluator": {"limit": -5}}) == "evaluator.limit"
-    other = {"models.base": {"path": "/m/base", "files": {"model.safetensors": "10:bb"}}, "evaluator": {"limit": 5}}
+    other = {"models.base": {"files": {"model.safetensors": "10:bb"}}, "evaluator": {"limit": 5}}
     assert first_difference(stored, other) == "models.base.files.model.safetensors"
     f = tmp_path / "w.bin"
     f.write_bytes(bytes(range(256)) * 20000)  # 5 MB: sampled blocks
@@ -74,7 +77,8 @@ def test_same_settings_resume_and_old_studies_get_a_fingerprint(tiny_models, tmp
         "fingerprint"] is not None
 
 
-def test_no_password_in_the_study_config_console_or_files_with_postgres(tiny_models, tmp_path, capsys, request):
+def test_no_password_in_the_study_config_console_or_files_with_postgres(tiny_models, tmp_path, capsys,
+                                                                       request):
     url = request.getfixturevalue("postgres")
     cfg = make_cfg(tiny_models, tmp_path, n_trials=2, study_name="pw",
                    storage={"kind": "postgresql", "url": url})

@@ -36,7 +36,8 @@ def start_workers(cfg: dict, run_root: Path, n: int, env: dict[str, str]) -> lis
         if time.time() > deadline or any(p.poll() is not None for p in procs):
             for p in procs:
                 p.kill()
-            raise AssertionError("workers did not start: " + " | ".join(p.communicate()[0][-2000:] for p in procs))
+            outs = " | ".join(p.communicate()[0][-2000:] for p in procs)
+            raise AssertionError(f"workers did not start: {outs}")
         time.sleep(0.1)
     barrier.touch()
     return procs
@@ -62,7 +63,7 @@ def test_three_workers_reach_the_exact_total_with_one_consistent_best(kind, tiny
 
     url = request.getfixturevalue("postgres") if kind == "postgresql" else None
     name = f"w-{kind}"
-    cfg = toy_config(tiny_models, tmp_path / "runs", sleep=0.25, n_trials=N_TRIALS, study_name=name,
+    cfg = toy_config(tiny_models, tmp_path / "runs", sleep=0.6, n_trials=N_TRIALS, study_name=name,
                      storage={"kind": kind})
     procs = start_workers(cfg, tmp_path / "runs", WORKERS, {"OPTUNA_STORAGE_URL": url} if url else {})
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -78,7 +79,10 @@ def test_three_workers_reach_the_exact_total_with_one_consistent_best(kind, tiny
     for label in ("weight=1.0", "weight=0.5"):  # each baseline enqueued and run once, not once per worker
         assert [t.state for t in trials if t.user_attrs.get("baseline") == label] == [TrialState.COMPLETE]
     pids = {t.user_attrs["worker"]["pid"] for t in by_state[TrialState.COMPLETE]}
-    assert len(pids) >= 2, f"the workers did not share the study: trials by {pids}"
+    table = [(t.number, t.state.name, t.user_attrs.get("worker", {}).get("pid"), t.user_attrs.get("fail_reason"))
+             for t in trials]
+    assert len(pids) >= 2, f"the workers did not share the study: {table}\n" + "\n----\n".join(
+        o[-1500:] for o in outs)
 
     best = run_dir / "best"
     assert is_current(best, study), "best/ was not written from the final study"
@@ -90,4 +94,5 @@ def test_three_workers_reach_the_exact_total_with_one_consistent_best(kind, tiny
         from .postgres_server import PASSWORD
 
         assert all(PASSWORD not in o for o in outs)
-        assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and PASSWORD in p.read_text(errors="ignore")]
+        files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+        assert not [p for p in files if PASSWORD in p.read_text(errors="ignore")]

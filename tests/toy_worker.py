@@ -1,4 +1,4 @@
-"""A study worker on the tiny models, for tests that need real processes: `python -m tests.toy_worker CFG.json`.
+"""A study worker on the tiny models, for tests needing real processes: `python -m tests.toy_worker CFG.json`.
 
 Runs `optimizer.runner.run` (what `python -m optimizer` runs) with the toy evaluator of tests/conftest.py,
 optionally slowed down (`evaluator.sleep` seconds per evaluation) so that a kill can land inside a trial or
@@ -37,7 +37,8 @@ if "toy_slow" not in EVALUATORS:
     register_evaluator("toy_slow")(SlowToy)
 
 
-def toy_config(tiny_models: dict[str, Path], run_root: Path, *, sleep: float = 0.0, **kw: Any) -> dict[str, Any]:
+def toy_config(tiny_models: dict[str, Path], run_root: Path, *, sleep: float = 0.0,
+               **kw: Any) -> dict[str, Any]:
     """A plain-data run config over the tiny models (what test_runner's make_cfg builds), for a worker."""
     cfg: dict[str, Any] = {
         "study_name": "t", "run_root": str(run_root), "n_trials": 6, "threads": 1,

@@ -174,9 +174,9 @@ def write_model_dir(s: Session, dest: Path, *, recipe: str, scores: dict[str, An
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"cannot write the export {str(dest)!r}: {e.strerror or e}"
-                            f"{' (disk full)' if e.errno == errno.ENOSPC else ''}. The previous export (if any) is "
-                            "unchanged; free some space or point run_root at a writable folder, then rerun the "
-                            "same command to export.") from None
+                            f"{' (disk full)' if e.errno == errno.ENOSPC else ''}. The previous export (if "
+                            "any) is unchanged; free some space or point run_root at a writable folder, then "
+                            "rerun the same command to export.") from None
         if dest.exists():
             dest.rename(old)
         tmp.rename(dest)
