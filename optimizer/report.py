@@ -12,7 +12,6 @@ from typing import Any
 
 import optuna
 
-from optimizer import UserError
 from optimizer.plots import write_plots
 
 
@@ -131,14 +130,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def report(cfg: Any) -> int:
     from optimizer.session import console
-    from optimizer.study import build_storage, existing_study, storage_url
+    from optimizer.study import build_storage, stored_study
 
     run_dir = Path(cfg.run_root) / cfg.study_name
     storage = build_storage(cfg.storage, run_dir)
-    study = existing_study(storage, cfg.study_name)
-    if study is None:
-        raise UserError(f"no study {cfg.study_name!r} in {storage_url(cfg.storage, run_dir)}; check study_name, "
-                        "run_root and storage.")
+    study = stored_study(cfg, run_dir, storage)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(study)

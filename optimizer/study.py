@@ -206,6 +206,15 @@ def existing_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.St
         return None
 
 
+def stored_study(cfg: Any, run_dir: Path, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """The existing study `cfg.study_name` in `cfg.storage` (for export and report); UserError if absent."""
+    study = existing_study(storage or build_storage(cfg.storage, run_dir), cfg.study_name)
+    if study is None:
+        raise UserError(f"no study {cfg.study_name!r} in {storage_url(cfg.storage, run_dir)}; check study_name, "
+                        "run_root and storage.")
+    return study
+
+
 def check_resumable(study: optuna.Study, describe: dict[str, Any], where: str) -> None:
     """Refuse to resume a study whose search space differs (its trials would be meaningless)."""
     stored = study.user_attrs.get("space")

@@ -17,14 +17,10 @@ from optimizer import UserError
 def export(cfg: Any) -> int:
     from optimizer.export.write import export_best
     from optimizer.session import console, load, prepare
-    from optimizer.study import build_storage, existing_study, storage_url
+    from optimizer.study import stored_study
 
     run_dir = Path(cfg.run_root) / cfg.study_name
-    storage = build_storage(cfg.storage, run_dir)
-    study = existing_study(storage, cfg.study_name)
-    if study is None:
-        raise UserError(f"no study {cfg.study_name!r} in {storage_url(cfg.storage, run_dir)}; check study_name, "
-                        "run_root and storage.")
+    study = stored_study(cfg, run_dir)
     stored = OmegaConf.create(study.user_attrs.get("config") or {})
     run_cfg = OmegaConf.merge(cfg, stored, {"storage": OmegaConf.to_container(cfg.storage),
                                            "run_root": cfg.run_root, "trial": cfg.trial})
