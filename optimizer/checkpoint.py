@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 
 from optimizer import UserError
+from optimizer.dtypes import SAFETENSORS
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class Checkpoint:
             with self._open(f) as h:
                 for n in names:
                     sl = h.get_slice(n)
-                    out[n] = TensorInfo(n, tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.float32))
+                    out[n] = TensorInfo(n, tuple(sl.get_shape()), SAFETENSORS.get(sl.get_dtype(), torch.float32))
         return out
 
     def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from optimizer import UserError
+from optimizer.dtypes import dtype_name
 
 if TYPE_CHECKING:
     import optuna
@@ -118,7 +119,7 @@ def fingerprint(s: Session) -> dict[str, Any]:
         out["models.tokenizer"] = {"files": {n: file_digest(tok / n) for n in _SIDE_FILES
                                              if (tok / n).is_file()}}
         paths["models.tokenizer"] = str(tok.resolve())
-    out["models.dtype"] = str(m.dtype).removeprefix("torch.")
+    out["models.dtype"] = dtype_name(m.dtype)
     out["models.vocab_policy"] = m.vocab_policy
     out["merge.method"] = s.space.method.name
     out["mode.granularity"] = s.space.layout.granularity

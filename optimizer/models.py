@@ -11,13 +11,11 @@ import torch
 
 from optimizer import UserError
 from optimizer.checkpoint import Checkpoint, TensorInfo
+from optimizer.dtypes import parse_dtype
 
 VOCAB_POLICIES = ("error", "truncate_to_base")
 # token-indexed tensors: their first dimension is the vocabulary (Llama/Mistral/Qwen/Gemma, GPT-2, NeoX)
 _VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|embed_out|word_embeddings)\.weight$")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def pick_device(name: str) -> torch.device:
@@ -42,14 +40,6 @@ def pick_device(name: str) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device={name!r}: merge-optimizer runs on cpu, cuda or mps; use one of those or auto.")
     return dev
-
-
-def parse_dtype(name: str, fallback: torch.dtype) -> torch.dtype:
-    if name in (None, "auto"):
-        return fallback
-    if name not in _DTYPES:
-        raise UserError(f"dtype={name!r} is not supported; use one of auto, {', '.join(sorted(_DTYPES))}.")
-    return _DTYPES[name]
 
 
 @dataclass

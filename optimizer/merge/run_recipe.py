@@ -32,6 +32,7 @@ import torch
 
 from optimizer import UserError
 from optimizer.checkpoint import Checkpoint
+from optimizer.dtypes import dtype_name
 from optimizer.merge.recipe.inputs import Inputs, load_recipe, resolve, tensor_params
 from optimizer.merge.recipe.layout import Job, Tap, output_config
 from optimizer.merge.sparsify import seed_for
@@ -177,10 +178,10 @@ def _write_side_files(inp: Inputs, dest: Path, recipe_path: Path) -> None:
     config = json.loads((src / "config.json").read_text())
     if inp.recipe.form == "slices":
         config = output_config(config, inp.jobs, {m: c.path for m, c in inp.ckpts.items()})
-    dtype_name = str(inp.out_dtype).removeprefix("torch.")
+    out_name = dtype_name(inp.out_dtype)
     for key in ("dtype", "torch_dtype"):
         if key in config or key == "dtype":
-            config[key] = dtype_name
+            config[key] = out_name
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (src / "generation_config.json").exists():
         shutil.copy2(src / "generation_config.json", dest / "generation_config.json")

@@ -25,9 +25,8 @@ from typing import BinaryIO
 
 import torch
 
-_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+from optimizer.dtypes import SAFETENSORS_CODE
+
 Entry = tuple[str, tuple[int, ...], torch.dtype]
 
 
@@ -83,7 +82,7 @@ class ShardWriter:
         offset = 0
         for name, shape, dtype in self.shards[self.shard_index]:
             n = nbytes(shape, dtype)
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[name] = {"dtype": SAFETENSORS_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it

@@ -26,12 +26,13 @@ from typing import Any
 import yaml
 
 from optimizer import UserError
+from optimizer.dtypes import CONFIG_NAMES
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random")
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "cheap_embed")  # modes whose gate is derived from prompts
 SHARED_MODES = ("base", "merge")
 PER_TRIAL = ("reuse", "refit", "full")  # calibrate.per_trial: the router of a search trial
-DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "auto")
+DTYPES = CONFIG_NAMES
 # mergekit-moe keys we understand but do not implement: refuse them by name rather than ignore them.
 UNSUPPORTED = {
     "shared_experts": "shared experts (Qwen2-MoE style) are not supported; only Mixtral output is.",

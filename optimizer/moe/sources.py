@@ -10,7 +10,7 @@ import torch
 
 from optimizer import UserError
 from optimizer.checkpoint import Checkpoint, TensorInfo
-from optimizer.models import parse_dtype
+from optimizer.dtypes import parse_dtype
 
 from .config import MoeConfig
 from .layout import is_mlp

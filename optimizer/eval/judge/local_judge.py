@@ -9,13 +9,12 @@ from typing import Any
 import torch
 
 from optimizer import UserError
+from optimizer.dtypes import CONFIG_NAMES, NAMED
 from optimizer.eval.judge.chat import render_chat
 from optimizer.eval.judge.clients import Completion, JudgeStats
 from optimizer.eval.judge.config import JudgeConfig
 from optimizer.eval.judge.generate import GenSettings, encode_prompt, generate_counted
 from optimizer.zoo.layout import SCHEME as ZOO_SCHEME
-
-_DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def model_path(ref: str) -> str:
@@ -30,8 +29,8 @@ def model_path(ref: str) -> str:
 
 def check_local_model(cfg: JudgeConfig) -> None:
     """UserError unless `judge.model` is a local model folder, a `zoo://` model or looks like a hub id."""
-    if cfg.dtype not in _DTYPES:
-        raise UserError(f"judge.dtype={cfg.dtype!r} is unknown; use one of {sorted(_DTYPES)}.")
+    if cfg.dtype not in CONFIG_NAMES:
+        raise UserError(f"judge.dtype={cfg.dtype!r} is unknown; use one of {', '.join(CONFIG_NAMES)}.")
     p = Path(model_path(cfg.model)).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -69,7 +68,7 @@ class LocalJudge:
 
             path = model_path(self.cfg.model)
             self._tokenizer = AutoTokenizer.from_pretrained(path)
-            self._model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[self.cfg.dtype])
+            self._model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if self.cfg.dtype == "auto" else NAMED[self.cfg.dtype])
             self._model.to(self.device).eval()
 
     def complete_batch(self, requests: list[tuple[str, str]]) -> list[Completion]:

@@ -22,11 +22,12 @@ import yaml
 
 from optimizer import UserError
 from optimizer.checkpoint import Checkpoint, locate
+from optimizer.dtypes import parse_dtype
 from optimizer.merge.recipe.layout import Job, num_layers, plan_jobs, reference
 from optimizer.merge.recipe.schema import Recipe
 from optimizer.merge.registry import MergeMethod
 from optimizer.merge.tensor_ops import PRECISIONS
-from optimizer.models import check_compatible, check_vocab_policy, parse_dtype
+from optimizer.models import check_compatible, check_vocab_policy
 
 MERGEKIT_EXTENSION = "merge_optimizer"  # top-level key mergekit's schema ignores; `python -m optimizer.merge` reads it
 EXTENSION_KEYS = ("seed", "trial", "device", "target", "base", "rescale", "vocab_policy", "precision")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from optimizer.checkpoint import locate
+from optimizer.dtypes import dtype_name
 from optimizer.merge.recipe.inputs import MERGEKIT_EXTENSION
 from optimizer.merge.registry import METHODS
 
@@ -131,7 +132,7 @@ def recipe_doc(s: Session, plan: MergePlan, trial: int | None = None) -> dict[st
     if m.vocab_policy != "error":
         ext["vocab_policy"] = m.vocab_policy
     doc = plan_doc(plan, {name: ref(c) for name, c in m.experts.items()}, ref(m.base),
-                   str(m.dtype).removeprefix("torch."), extension=ext)
+                   dtype_name(m.dtype), extension=ext)
     if getattr(s.cfg.models, "tokenizer", None):
         tok = s.cfg.models.tokenizer
         doc["tokenizer_source"] = mergekit_ref(tok, locate(tok, what="models.tokenizer"))
