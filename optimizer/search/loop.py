@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from optimizer.search import schedule as sch
-from optimizer.search.coarse import ProjectedSampler, coarse_groups
+from optimizer.search.coarse import ProjectedSampler, coarse_groups, project
 from optimizer.study import build_sampler, count_finished
 
 STAGE_ATTR = "stage"
@@ -133,6 +133,16 @@ def run_search(s: Any, study: optuna.Study, objective: Callable[[optuna.Trial], 
             study.sampler = optuna.samplers.RandomSampler(seed=s.cfg.seed + done)
         else:
             start = stage_start(study, stage)
+            if stage.coarse is not None and start is not None and project(coarse_groups(s.space, stage.coarse),
+                                                                          start) is None:
+                # coarse to fine: the best trial is already finer than this stage's groups (e.g. refined)
+                note = (f"stage {stage.name!r} (coarse: {stage.coarse}) skipped: the best trial so far "
+                        f"(#{sch.start_of(study, stage)}) is finer than its groups; the next stage takes its trials")
+                say(note)
+                study.set_user_attr(NOTES_ATTR, [*study.user_attrs.get(NOTES_ATTR, []), note])
+                plan = sch.collapse(plan, stage.name)
+                sch.record_plan(study, plan)
+                continue
             study.sampler = stage_sampler(s, stage, start, s.cfg.seed + done)
         optimize(tagged(objective, stage.name), target)
         if count_finished(study) == done and not wait_for_others(study):

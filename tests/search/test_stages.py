@@ -149,3 +149,17 @@ def test_coarse_groups_project_and_expand(tiny_models):
         full = expand(by_kind, z)
         assert project(by_kind, full) == pytest.approx(z)
         assert project(by_model, full) is None  # kinds differ inside a model: not a per-model point
+
+
+def test_coarse_stage_after_a_finer_best_trial_is_skipped(tiny_models, tmp_path):
+    # The only baseline (all 1.5) is far from the toy's optimum: the first stage's per-unit trials beat it,
+    # so the per-model stage after it has nothing coarse to start from and gives its trials to the last.
+    stages = [{"name": "first", "trials": 5}, {"name": "model", "coarse": "model", "trials": 3}, {"name": "last"}]
+    cfg = make_cfg(tiny_models, tmp_path, n_trials=10, sampler={"name": "cmaes", "kwargs": {"sigma0": 0.3}},
+                   merge={"baselines": [{"weight": 1.5}]}, search={"stages": stages}, export={"enabled": False})
+    assert run(cfg) == 0
+    study = load(cfg)
+    assert [t.user_attrs["stage"] for t in study.trials] == ["baselines"] + ["first"] * 5 + ["last"] * 4
+    assert [(st.name, st.end) for st in sch.recorded_plan(study)] == [
+        ("baselines", 1), ("first", 6), ("model", 6), ("last", 10)]
+    assert "finer than its groups" in study.user_attrs["search_notes"][-1]
