@@ -45,12 +45,14 @@ class Strategy:
 
 
 STRATEGIES = {s.name: s for s in (
-    Strategy("default", (), "the mission's command as shipped (search=default)"),
+    Strategy("default", (), "the mission's command as shipped (search=default: refine -> per model -> per kind -> "
+                            "CMA-ES; coarse stages skipped once the best trial is finer)"),
     Strategy("centre", ("search=plain", "sampler.kwargs={}"), "before: CMA-ES from the box centre, sigma range/6"),
     Strategy("warm", ("search=warm",), "CMA-ES from the best baseline, sigma0 0.1"),
     Strategy("coarse", ("search=coarse",), "per model (GP) -> per kind (GP) -> per layer (CMA-ES)"),
     Strategy("refine", ("search=refine",), "gradient refinement of the best baseline, then CMA-ES from it"),
-    Strategy("ties", ("merge=ties",), "TIES (weight + density per layer) with the default search"),
+    Strategy("ties", ("merge=ties",), "TIES (weight + density per layer), default search (refine skipped: "
+                                      "not linear in the weights)"),
     Strategy("ties-centre", ("merge=ties", "search=plain", "sampler.kwargs={}"), "TIES, CMA-ES from the centre"),
 )}
 
@@ -104,10 +106,10 @@ def study_trials(run_root: Path, study: str) -> list[dict]:
             if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def run_strategy_seed(strategy: Strategy, seed: int, budgets: list[int], run_root: Path, logs: Path) -> list[Cell]:
-    """One seed of one strategy: a resumed chain of budgets, or one run per budget."""
+def run_strategy_seed(strategy: Strategy, seed: int, budgets: list[int], run_root: Path, logs: Path,
+                      chain: bool) -> list[Cell]:
+    """One seed of one strategy: a resumed chain of budgets (`chain`), or one run per budget."""
     cells = []
-    chain = budget_independent(strategy.overrides)
     log = logs / f"{strategy.name}_s{seed}.log"
     wall = 0.0
     for b in sorted(budgets):
@@ -221,7 +223,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategies", default="centre,warm,default,ties",
+    ap.add_argument("--strategies", default="centre,warm,default,ties,ties-centre",
                     help=f"comma-separated, from {sorted(STRATEGIES)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--budgets", default="25,50,150")
@@ -237,10 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     run_root, logs = out / "runs", out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    chains = {n: budget_independent(STRATEGIES[n].overrides) for n in names}  # Hydra: one thread at a time
     jobs = [(STRATEGIES[n], s) for n in names for s in seeds]
     print(f"{len(jobs)} strategy x seed jobs, budgets {budgets}, {args.jobs} at a time; logs in {logs}", flush=True)
+
+    def job(j: tuple[Strategy, int]) -> list[Cell]:
+        try:
+            return run_strategy_seed(j[0], j[1], budgets, run_root, logs, chains[j[0].name])
+        except Exception as e:  # one failed command must not lose the other cells
+            print(f"  FAILED {j[0].name} seed {j[1]}: {e}", flush=True)
+            return []
+
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        results = list(pool.map(lambda j: run_strategy_seed(j[0], j[1], budgets, run_root, logs), jobs))
+        results = list(pool.map(job, jobs))
     rows = sorted((metrics(c) for cells in results for c in cells),
                   key=lambda r: (names.index(r["strategy"]), r["budget"], r["seed"]))
     with open(out / "search_quality.csv", "w", newline="", encoding="utf-8") as fh:

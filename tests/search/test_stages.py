@@ -72,6 +72,12 @@ def test_coarse_to_fine_stages_in_one_study(tiny_models, tmp_path):
     cfg = staged_cfg(tiny_models, tmp_path, 14)
     assert run(cfg) == 0
     check_staged_study(load(cfg), 4)
+    from optimizer.report import markdown, summarize
+
+    summary = summarize(load(cfg))
+    assert [(st["name"], st["trials"]) for st in summary["stages"]] == [
+        ("baselines", 2), ("model", 4), ("kind", 3), ("fine", 5)]
+    assert "## Search stages" in markdown(summary)
 
 
 @pytest.mark.parametrize("stop_at", [4, 8])  # inside the model stage; inside the kind stage
