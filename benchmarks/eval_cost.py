@@ -1,8 +1,10 @@
 """Evaluation cost per trial on the demo zoo: lm-eval's `evaluate` per call (the path used before the engine)
-against the engine (requests built once), side by side in one process, same HFLM, same model.
+against the engine (requests built once) with lm-eval's own loglikelihood scoring and with shared-context
+scoring (the default: one context pass per multiple-choice item), side by side in one process, same HFLM,
+same model.
 
 Rows: one whole pass over the search split, and the same items in chunks (as per-item pruning scores them).
-Each repeat runs both paths back to back (interleaved, so machine load hits both alike); the table shows
+Each repeat runs the three paths back to back (interleaved, so machine load hits them alike); the table shows
 medians of wall and CPU seconds and the ratio engine / old. Scores are checked identical in the same run.
 
     python benchmarks/eval_cost.py                     # 5 repeats, chunk 30, search split
@@ -86,30 +88,33 @@ def main(argv=None) -> int:
     new_tasks = load_tasks(manager, names, "engine")
     indices = {n: list(range(len(old_tasks["tasks"][n].eval_docs))) for n in names}
     (prepared, prep_s, _) = timed(lambda: [prepare_task(n, new_tasks[n], indices[n]) for n in names])
-    engine = Engine(lm)
+    engines = {"engine": Engine(lm, share_context=False), "engine + shared context": Engine(lm)}
     rows = {}
     for label, chunk in (("whole split", None), (f"chunks of {args.chunk}", args.chunk)):
-        times: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
-        new_path(engine, prepared, chunk)  # warm-up (first-call tokenisation, allocator), not timed
+        times: dict[str, list[tuple[float, float]]] = {"old": [], **{k: [] for k in engines}}
+        for engine in engines.values():  # warm-up (first-call tokenisation, allocator, the shared check)
+            new_path(engine, prepared, chunk)
         old_path(lm, old_tasks, indices, chunk)
         for _ in range(args.repeats):
             old, w, c = timed(lambda chunk=chunk: old_path(lm, old_tasks, indices, chunk))
             times["old"].append((w, c))
-            new, w, c = timed(lambda chunk=chunk: new_path(engine, prepared, chunk))
-            times["new"].append((w, c))
-            if old != new:
-                raise SystemExit(f"scores differ: old {old} vs engine {new}")
+            for name, engine in engines.items():
+                new, w, c = timed(lambda chunk=chunk, engine=engine: new_path(engine, prepared, chunk))
+                times[name].append((w, c))
+                if old != new:
+                    raise SystemExit(f"scores differ: old {old} vs {name} {new}")
         rows[label] = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
                        for k, v in times.items()}
     n_items = sum(len(v) for v in indices.values())
     print(f"demo zoo, {args.split} split ({n_items} items, {sum(len(i.instances) for p in prepared for i in p.items)} "
           f"requests), model {args.model}, {args.repeats} repeats, torch threads {torch.get_num_threads()}; "
           f"engine request build once: {prep_s:.2f} s; scores identical: yes")
-    print("| | old wall s | engine wall s | wall ratio | old CPU s | engine CPU s | CPU ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| | path | wall s | wall ratio | CPU s | CPU ratio |")
+    print("|---|---|---|---|---|---|")
     for label, r in rows.items():
-        (ow, oc), (nw, nc) = r["old"], r["new"]
-        print(f"| {label} | {ow:.3f} | {nw:.3f} | {nw / ow:.2f} | {oc:.3f} | {nc:.3f} | {nc / oc:.2f} |")
+        ow, oc = r["old"]
+        for name, (w, c) in r.items():
+            print(f"| {label} | {name} | {w:.3f} | {w / ow:.2f} | {c:.3f} | {c / oc:.2f} |")
     return 0
 
 

@@ -36,7 +36,7 @@ PATHS = "paths"
 NEUTRAL_KEYS = frozenset({
     "batch_size", "chunk_size", "cache", "cache_path", "parallel", "timeout", "max_retries", "backoff_base",
     "backoff_max", "jitter", "retry_after_max", "price_input_per_mtok", "price_output_per_mtok",
-    "api_key_env",
+    "api_key_env", "share_context",
 })
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                "merges.txt", "special_tokens_map.json", "chat_template.jinja")

@@ -6,7 +6,8 @@ re-tokenises them; a study scores the same items every trial, so here that work 
     prepare_task(name, task, order)   task.build_all_requests(...) for the items in `order`, once
     Engine(lm).run([(prepared, positions), ...])
         per request type, the LM's own scoring on exactly the instances of those items (loglikelihood
-        requests tokenised once, then `lm._loglikelihood_tokens`, the method `lm.loglikelihood` ends in;
+        requests tokenised once, then `lm._loglikelihood_tokens`, the method `lm.loglikelihood` ends in, or
+        for requests sharing a context `shared_context.SharedContextScorer`, one context pass for all of them;
         `lm.generate_until` / `lm.loglikelihood_rolling` as they are), then each task's filters,
         `task.process_results` per item and, in `TaskRun.aggregate`, the task's aggregation functions
 
@@ -157,10 +158,13 @@ class Engine:
     Tokenisations of loglikelihood requests are computed on first use and kept.
     """
 
-    def __init__(self, lm: Any):
+    def __init__(self, lm: Any, share_context: bool = True):
+        from optimizer.eval.shared_context import SharedContextScorer
+
         self.lm = lm
         self._encoded: dict[int, tuple[Any, tuple]] = {}  # id(instance) -> (instance, lm-eval token request)
         self._pretokenize = _can_pretokenize(lm)
+        self._shared = SharedContextScorer(lm) if share_context and SharedContextScorer.supports(lm) else None
 
     def run(self, parts: Sequence[tuple[PreparedTask, Sequence[int]]]) -> list[TaskRun]:
         """Score the items at `positions` of each prepared task, all request types batched across tasks as
@@ -181,7 +185,10 @@ class Engine:
 
     def _call(self, rtype: str, reqs: list[Any]) -> list[Any]:
         if rtype == "loglikelihood" and self._pretokenize and all(len(r.args) == 2 for r in reqs):
-            return self.lm._loglikelihood_tokens([self.encoded(r) for r in reqs], disable_tqdm=True)
+            tokens = [self.encoded(r) for r in reqs]
+            if self._shared is not None:  # one forward pass per shared context (multiple choice)
+                return self._shared(tokens)
+            return self.lm._loglikelihood_tokens(tokens, disable_tqdm=True)
         if rtype not in REQUEST_TYPES:
             raise ValueError(f"unknown lm-eval request type {rtype!r}")
         from lm_eval.api.model import TemplateLM

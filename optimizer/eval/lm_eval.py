@@ -77,6 +77,7 @@ class LmEvalConfig:
     shuffle: bool = False  # item order (and the subset a `limit` takes) drawn from the study seed
     allow_test_split: bool = False
     search_metric: str | None = None  # every task's default search metric (off: the task's metric)
+    share_context: bool = True  # loglikelihood requests with one context: its forward pass once (see shared_context)
 
 
 def dataset_location(t: TaskSpec) -> str:
@@ -224,7 +225,7 @@ class LmEvalEvaluator:
             logging.getLogger("lm_eval").setLevel(logging.ERROR)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size,
                       max_length=self.cfg.max_length)
-            self._engine, self._engine_model = Engine(lm), model
+            self._engine, self._engine_model = Engine(lm, share_context=self.cfg.share_context), model
         return self._engine
 
     def evaluate(self, model: Any, tokenizer: Any, split: str, *, on_item: Callable | None = None) -> Scores:
