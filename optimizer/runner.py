@@ -26,6 +26,7 @@ from optimizer.fingerprint import check as check_fingerprint
 from optimizer.fingerprint import fingerprint
 from optimizer.fingerprint import stored_version as stored_fingerprint
 from optimizer.progress import Progress, print_run_end
+from optimizer.pruning import ITEMS, ItemWilcoxonPruner
 from optimizer.recovery import Guard, Requeue, StopAtTotal, Surplus, count, has_heartbeat, recover, study_lock
 from optimizer.search.loop import run_search
 from optimizer.secrets import has_password, redact, redact_text
@@ -43,36 +44,47 @@ from optimizer.study import (
 )
 
 
-def item_reporter(s: Session, trial: optuna.Trial) -> Callable[[str, int, float], None] | None:
-    """Report scored items (fixed order per study) and ask the pruner once per chunk.
+class ItemReporter:
+    """Collects a trial's item scores (fixed order per study) and asks the pruner every `chunk_size` items.
 
-    WilcoxonPruner compares item scores: each item is one step. Every other Optuna pruner (median,
-    percentile, ...) reads intermediate values as a learning curve and takes its best value so far, which a
-    single lucky item would dominate: it gets the running mean of the items at each chunk's end, the step
-    being the number of items scored.
+    At each check the running mean is reported as the intermediate value (step = items scored: what median,
+    percentile, ... pruners read as a learning curve, and what the dashboard plots) and, for the Wilcoxon
+    pruner, the item scores so far are written as one user attr (`optimizer.pruning.ITEMS`), which it
+    compares item by item with the best trial's: a few storage writes per trial instead of one per item.
     """
-    if s.cfg.pruner.name == "none":
-        return None
-    every = max(int(s.evaluator.chunk_size), 1)
-    per_item = isinstance(trial.study.pruner, optuna.pruners.WilcoxonPruner)
-    step, total = 0, 0.0
-    started = time.perf_counter()
 
-    def on_item(task: str, index: int, value: float) -> None:
-        nonlocal step, total
-        total += float(value)
-        if per_item:
-            trial.report(float(value), step)
-        step += 1
-        if step % every == 0 and not per_item:
-            trial.report(total / step, step)
-        if step % every == 0 and trial.should_prune():
-            s.timings["pruned_at"].append(step)
-            trial.set_user_attr("pruned_after_items", step)
-            trial.set_user_attr("eval_seconds", time.perf_counter() - started)
-            raise optuna.TrialPruned(f"pruned after {step} items")
+    def __init__(self, s: Session, trial: optuna.Trial):
+        self.trial = trial
+        self.every = max(int(s.evaluator.chunk_size), 1)
+        self.keep = isinstance(trial.study.pruner, ItemWilcoxonPruner)
+        self.items: list[float] = []
+        self.written = 0
+        self.timings = s.timings
+        self.started = time.perf_counter()
 
-    return on_item
+    def __call__(self, task: str, index: int, value: float) -> None:
+        self.items.append(float(value))
+        n = len(self.items)
+        if n % self.every:
+            return
+        self.trial.report(sum(self.items) / n, n)
+        self.flush()
+        if self.trial.should_prune():
+            self.timings["pruned_at"].append(n)
+            self.trial.set_user_attr("pruned_after_items", n)
+            self.trial.set_user_attr("eval_seconds", time.perf_counter() - self.started)
+            raise optuna.TrialPruned(f"pruned after {n} items")
+
+    def flush(self) -> None:
+        """Write the item scores so far (the Wilcoxon pruner reads them; the best trial's must be whole)."""
+        if self.keep and len(self.items) > self.written:
+            self.trial.set_user_attr(ITEMS, self.items)
+            self.written = len(self.items)
+
+
+def item_reporter(s: Session, trial: optuna.Trial) -> ItemReporter | None:
+    """The per-item callback of a pruned study (None without a pruner)."""
+    return None if s.cfg.pruner.name == "none" else ItemReporter(s, trial)
 
 
 def make_objective(s: Session, store: optuna.artifacts.FileSystemArtifactStore
@@ -80,13 +92,16 @@ def make_objective(s: Session, store: optuna.artifacts.FileSystemArtifactStore
     def objective(trial: optuna.Trial) -> float | list[float]:
         plan = s.space.plan(s.space.suggest(trial))
         try:
-            scores = score(s, plan, SEARCH, trial=trial.number, on_item=item_reporter(s, trial))
+            reporter = item_reporter(s, trial)
+            scores = score(s, plan, SEARCH, trial=trial.number, on_item=reporter)
         except EvaluationFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             for k, v in e.info.items():
                 trial.set_user_attr(k, v)
             attach(store, trial, plan, None, s, extra=e.artifacts)
             raise
+        if reporter is not None:
+            reporter.flush()
         s.timings["merge"].append(scores.info["merge_seconds"])
         s.timings["eval"].append(scores.info["eval_seconds"])
         trial.set_user_attr("scores", scores.tasks)

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizer import UserError
+from optimizer.pruning import ItemWilcoxonPruner
 from optimizer.secrets import redact_text, remember, watch_env
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -47,10 +48,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-# The one pruner registry. WilcoxonPruner compares per-item scores of a trial with the best trial's.
+# The one pruner registry. `wilcoxon` is Optuna's WilcoxonPruner on the per-item scores a trial keeps in one
+# user attr (optimizer.pruning): a paired test of its items against the best trial's.
 PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
     "none": lambda **kw: optuna.pruners.NopPruner(),
-    "wilcoxon": lambda **kw: optuna.pruners.WilcoxonPruner(**kw),
+    "wilcoxon": lambda **kw: ItemWilcoxonPruner(**kw),
     "median": lambda **kw: optuna.pruners.MedianPruner(**kw),
 }
 

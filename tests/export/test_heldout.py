@@ -72,7 +72,8 @@ def test_wilcoxon_prunes_clearly_worse_trials(tiny_models, tmp_path):
     states = [t.state for t in load(cfg).trials]
     assert states.count(optuna.trial.TrialState.PRUNED) >= 3
     pruned = [t for t in load(cfg).trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert all(max(t.intermediate_values) < 119 for t in pruned)  # stopped before the last item
+    assert all(t.user_attrs["pruned_after_items"] < 120 for t in pruned)  # stopped before the last item
+    assert all(len(t.user_attrs["item_scores"]) == t.user_attrs["pruned_after_items"] for t in pruned)
 
 
 def test_pruner_needs_per_item_reports(tiny_models, tmp_path):
