@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench bench-trial bench-eval gpu-check
+.PHONY: setup demo test lint bench bench-trial bench-eval bench-search gpu-check
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ bench-trial: setup
 
 bench-eval: setup
 	$(PY) benchmarks/eval_cost.py && $(PY) benchmarks/pruning_cost.py
+
+bench-search: setup
+	$(PY) benchmarks/search_quality.py
 
 gpu-check: setup
 	bash benchmarks/gpu_check.sh

@@ -51,8 +51,10 @@ STRATEGIES = {s.name: s for s in (
     Strategy("warm", ("search=warm",), "CMA-ES from the best baseline, sigma0 0.1"),
     Strategy("coarse", ("search=coarse",), "per model (GP) -> per kind (GP) -> per layer (CMA-ES)"),
     Strategy("refine", ("search=refine",), "gradient refinement of the best baseline, then CMA-ES from it"),
+    Strategy("polish", ("search=polish",), "refine, CMA-ES from it, and a last refinement of the best trial"),
     Strategy("ties", ("merge=ties",), "TIES (weight + density per layer), default search (refine skipped: "
-                                      "not linear in the weights)"),
+                                      "not linear in the weights, so per model -> per kind -> CMA-ES)"),
+    Strategy("ties-warm", ("merge=ties", "search=warm"), "TIES, CMA-ES from the best baseline only"),
     Strategy("ties-centre", ("merge=ties", "search=plain", "sampler.kwargs={}"), "TIES, CMA-ES from the centre"),
 )}
 
