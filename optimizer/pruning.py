@@ -6,8 +6,8 @@ demo zoo). Here a trial keeps its item scores in one user attr (`ITEMS`, a list 
 order), rewritten at each pruning check and once when the trial ends, and `ItemWilcoxonPruner` hands
 Optuna's own `WilcoxonPruner` copies of the current and the best trial whose intermediate values are those
 items: the test and its safety rules are Optuna's, unchanged; only where the numbers live differs.
-Intermediate values, for every pruner and the dashboard, are the running mean at each check (step = items
-scored).
+The best trial is looked up once per pruned trial (its first check), not at every check, and SciPy (the
+test) is imported when the pruner is built, not inside the first trial that asks.
 """
 
 from __future__ import annotations
@@ -50,19 +50,23 @@ class ItemWilcoxonPruner(optuna.pruners.BasePruner):
     """
 
     def __init__(self, **kwargs: Any):
+        import scipy.stats  # noqa: F401  (Optuna imports it lazily on the first test: ~1 s inside a trial)
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.inner = optuna.pruners.WilcoxonPruner(**kwargs)
+        self._best: tuple[int, FrozenTrial | None] | None = None  # (trial asking, the best trial with items)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         mine = with_items(trial)
         if mine is None:
             return False
-        try:
-            best = study.best_trial
-        except ValueError:  # no finished trial yet
-            return False
-        theirs = with_items(best)
+        if self._best is None or self._best[0] != trial.number:
+            try:
+                self._best = (trial.number, with_items(study.best_trial))
+            except ValueError:  # no finished trial yet
+                return False
+        theirs = self._best[1]
         if theirs is None:  # e.g. a trial added by hand, without item scores: nothing to compare with
             return False
         return bool(self.inner.prune(_Best(study.direction, theirs), mine))  # type: ignore[arg-type]

@@ -47,10 +47,10 @@ from optimizer.study import (
 class ItemReporter:
     """Collects a trial's item scores (fixed order per study) and asks the pruner every `chunk_size` items.
 
-    At each check the running mean is reported as the intermediate value (step = items scored: what median,
-    percentile, ... pruners read as a learning curve, and what the dashboard plots) and, for the Wilcoxon
-    pruner, the item scores so far are written as one user attr (`optimizer.pruning.ITEMS`), which it
-    compares item by item with the best trial's: a few storage writes per trial instead of one per item.
+    At each check, for the Wilcoxon pruner, the item scores so far are written as one user attr
+    (`optimizer.pruning.ITEMS`), which it compares item by item with the best trial's: one storage write per
+    check instead of one per item. Every other pruner (median, percentile, ...) reads a learning curve: it
+    gets the running mean as the intermediate value (step = items scored).
     """
 
     def __init__(self, s: Session, trial: optuna.Trial):
@@ -67,8 +67,10 @@ class ItemReporter:
         n = len(self.items)
         if n % self.every:
             return
-        self.trial.report(sum(self.items) / n, n)
-        self.flush()
+        if self.keep:
+            self.flush()  # the Wilcoxon pruner reads the items (a running mean would be one more write)
+        else:
+            self.trial.report(sum(self.items) / n, n)
         if self.trial.should_prune():
             self.timings["pruned_at"].append(n)
             self.trial.set_user_attr("pruned_after_items", n)
