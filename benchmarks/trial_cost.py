@@ -162,7 +162,7 @@ def study(method: str, dirs: dict[str, Path], work: Path, args: argparse.Namespa
     name = f"tc_{method}"
     overrides = ["models=custom", f"models.base={dirs['base']}", "models.dtype=bfloat16",
                  *(f"+models.models.{m}={d}" for m, d in dirs.items() if m != "base"),
-                 f"merge={method}", "mode=layer", "sampler=random", f"n_trials={args.trials}",
+                 f"merge={method}", "mode=layer", "sampler=random", f"search={args.search}", f"n_trials={args.trials}",
                  f"study_name={name}", f"run_root={work}", "storage=sqlite", "export.enabled=false",
                  f"device={args.device}", "evaluator=zoo", f"evaluator.limit={args.limit}",
                  f"evaluator.batch_size={args.batch_size}", *([f"threads={args.threads}"] if args.threads else [])]
@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=int(os.environ.get("TC_LIMIT", 5)), help="items per zoo task")
     ap.add_argument("--batch-size", type=int, default=16, help="evaluator.batch_size")
     ap.add_argument("--methods", nargs="*", default=["task_arithmetic", "ties"])
+    ap.add_argument("--search", default="plain",
+                    help="search group of the studies (default plain: every trial sampled, which is what this "
+                         "measures; `default` adds the gradient-refinement trial, whose backward pass needs "
+                         "about one model of gradients plus activations on top)")
     ap.add_argument("--device", default=os.environ.get("DEVICE", "cpu"))
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for both tools (default: the study's auto choice, torch's for mergekit); on a "

@@ -182,20 +182,33 @@ def request_logprobs(model: Any, gold: GoldSet, batch_size: int = 256, pad_id: i
             mask[j, :n] = 1
             target[j, n - c:n] = torch.tensor(seq[-c:])
         ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-        logits = forward(ids, mask).float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logits = forward(ids, mask)
         scored = target >= 0
-        tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        lps.append((tok * scored).sum(-1))
-        hit = (logits.argmax(-1) == target) | ~scored
-        greedy.append(hit.all(-1))
-        other = logp.scatter(-1, target.clamp(min=0).unsqueeze(-1), float("-inf")).max(-1).values
-        gap = torch.where(scored, tok - other, torch.full_like(tok, float("inf")))
-        gaps.append(gap.min(-1).values)
+        row = torch.arange(len(batch), device=device).unsqueeze(-1).expand_as(target)[scored]
+        want = target[scored]
+        # only the continuation positions' logits are kept (and, with grad, saved for backward): not the
+        # batch x length x vocab tensor, which at a 32k+ vocab dominated the refiner's memory
+        sel = logits[scored]
+        hit = sel.argmax(-1) == want
+        del logits
+        logp = torch.log_softmax(sel.float(), dim=-1)
+        tok = logp.gather(-1, want.unsqueeze(-1)).squeeze(-1)
+        other = logp.scatter(-1, want.unsqueeze(-1), float("-inf")).max(-1).values
+        n = len(batch)
+        lps.append(torch.zeros(n, dtype=tok.dtype, device=device).index_add(0, row, tok))
+        greedy.append(_all_per_row(row, hit, n))
+        gaps.append(torch.full((n,), float("inf"), dtype=tok.dtype, device=device).scatter_reduce(
+            0, row, tok - other, reduce="amin"))
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(len(order))
     inv = inv.to(device)
     return RequestScores(torch.cat(lps)[inv], torch.cat(greedy)[inv], torch.cat(gaps)[inv])
+
+
+def _all_per_row(row: torch.Tensor, hit: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row, whether every one of its entries in `hit` is True."""
+    misses = torch.zeros(n, dtype=torch.long, device=hit.device).index_add(0, row, (~hit).long())
+    return misses == 0
 
 
 def _per_item(gold: GoldSet, lp: torch.Tensor) -> list[torch.Tensor]:

@@ -126,6 +126,36 @@ def test_differentiable_merge_is_the_applied_merge(loaded, granularity):
         torch.testing.assert_close(tensors[name], live_params[name].detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "gradient:2"])
+def test_chain_rule_gradient_equals_autograd_through_the_merge(loaded, granularity):
+    """What refine() steps with (the merge written in place, dL/dtheta, then <dL/dtheta, e_i> per unit) is
+    autograd's gradient through anchor + sum w e (MergeGraph.tensors + functional_call)."""
+    models, resident, live, tok = loaded
+    space = space_for(models, granularity=granularity)
+    params = {p.name: 0.2 + 0.04 * i for i, p in enumerate(space.params)}
+    graph = MergeGraph(space, resident, params)
+    gold = toy_gold(tok)
+    coef = graph.initial().requires_grad_(True)
+    tensors = graph.tensors(coef)
+
+    def functional(ids, mask):
+        return torch.func.functional_call(live, tensors, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
+
+    search_loss(functional, gold, "ce").backward()
+    want = coef.grad.clone()
+    named = dict(live.named_parameters())
+    targets = {n: named[n] for n in resident.names}
+    graph.write(graph.initial(), targets)
+    for p in live.parameters():
+        p.grad = None
+    search_loss(lambda ids, mask: live(input_ids=ids, attention_mask=mask).logits, gold, "ce").backward()
+    got = graph.coef_grad({n: targets[n].grad for n in resident.names})
+    for p in live.parameters():
+        p.grad = None
+    assert want.abs().max() > 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["ce", "prob", "soft_acc"])
 def test_refinement_lowers_the_search_loss(loaded, loss):
     models, resident, live, tok = loaded
@@ -153,6 +183,27 @@ def test_refinement_keeps_the_bounds(loaded):
     result = refine(space, resident, live, space.baseline({"weight": 0.5}), toy_gold(tok), steps=5, lr=5.0)
     assert all(0.0 <= v <= 1.5 for v in result.params.values())
     assert any(v in (0.0, 1.5) for v in result.params.values())
+
+
+def test_bf16_models_are_refined_and_their_resident_tensors_kept(tiny_models):
+    """A bf16 model set is linear in its weights too (the check must not compare bf16-rounded merges), the
+    refiner lowers its loss, and neither the check nor the steps change the resident anchor or task vectors."""
+    cfg = OmegaConf.create({"base": str(tiny_models["base"]), "models": {"a": str(tiny_models["a"]),
+                            "b": str(tiny_models["b"])}, "target": None, "tokenizer": None, "dtype": "bfloat16",
+                            "allow_pickle": False, "trust_remote_code": False, "vocab_policy": "error"})
+    models = ModelSet(cfg)
+    resident = models.load_resident(torch.device("cpu"))
+    live = models.load_live(torch.device("cpu"))
+    before = {n: (resident.anchor[n].clone(), [d.clone() for d in resident.deltas[n]]) for n in resident.names}
+    space = space_for(models)
+    start = space.baseline({"weight": 0.5})
+    MergeGraph(space, resident, start, check_only=True)  # raised NotRefinable before
+    result = refine(space, resident, live, start, toy_gold(models.load_tokenizer()), steps=6, lr=0.2,
+                    batch_items=0, loss="ce")
+    assert result.losses[-1] < result.losses[0]
+    for n, (anchor, deltas) in before.items():
+        assert torch.equal(resident.anchor[n], anchor)
+        assert all(torch.equal(a, b) for a, b in zip(resident.deltas[n], deltas, strict=True))
 
 
 def test_methods_that_are_not_linear_in_their_weights_are_refused(loaded):
