@@ -130,11 +130,14 @@ class RefineConfig:
             (of the predictions over the choices; needs no gold).
         temperature: of `soft_acc`, in log-probability units.
         limit: at most this many search items per task are used (null: all).
+        micro_items: items per forward/backward pass (0: a step's whole batch at once); gradients are
+            accumulated, so the step is the same and only one micro-batch's activations are held.
     """
 
     steps: int = 30
     lr: float = 0.05
     batch_items: int = 90
+    micro_items: int = 30
     loss: str = "ce"
     temperature: float = 1.0
     limit: int | None = None

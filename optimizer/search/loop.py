@@ -195,7 +195,8 @@ def enqueue_refined(s: Any, study: optuna.Study, stage: sch.Stage, say: Callable
     try:
         gold = evaluator_gold(s.evaluator, s.tokenizer, limit=rc.limit)
         result = refine(s.space, s.resident, s.live, start, gold, steps=rc.steps, lr=rc.lr,
-                        batch_items=rc.batch_items, loss=rc.loss, temperature=rc.temperature, seed=s.cfg.seed)
+                        batch_items=rc.batch_items, loss=rc.loss, temperature=rc.temperature, seed=s.cfg.seed,
+                        micro_items=rc.micro_items)
     except (NotRefinable, torch.OutOfMemoryError) as e:
         return f"{type(e).__name__}: {e}"
     finally:

@@ -194,15 +194,47 @@ def search_loss(forward: Any, gold: GoldSet, loss: str = "ce", device: torch.dev
       best other one, or of the continuation's smallest per-token gap (what greedy exact match needs);
     - `entropy`: of the model's distribution over the choices (needs no gold).
     """
+    return weighted(gold, task_means(gold, item_losses(forward, gold, loss, device, temperature)))
+
+
+def item_losses(forward: Any, gold: GoldSet, loss: str = "ce", device: torch.device | None = None,
+                temperature: float = 1.0) -> torch.Tensor:
+    """The per-item loss of `search_loss`, one value per item of `gold`, in its order."""
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}: use one of {', '.join(LOSSES)}")
     scores = request_logprobs(forward, gold, device=device)
     if loss == "entropy":
-        per_item = _choice_entropy(gold, scores.logprob)
-    else:
-        items = item_scores(gold, scores.logprob, scores.greedy, scores.gap, temperature)
-        per_item = {"ce": items["nll"], "prob": -items["prob"], "soft_acc": -items["soft_acc"]}[loss]
-    return weighted(gold, task_means(gold, per_item))
+        return _choice_entropy(gold, scores.logprob)
+    items = item_scores(gold, scores.logprob, scores.greedy, scores.gap, temperature)
+    return {"ce": items["nll"], "prob": -items["prob"], "soft_acc": -items["soft_acc"]}[loss]
+
+
+def backward_loss(forward: Any, gold: GoldSet, loss: str, device: torch.device | None, temperature: float,
+                  micro_items: int = 0) -> float:
+    """`search_loss` on `gold`, back-propagated `micro_items` items at a time (0: all at once).
+
+    The loss is a weighted mean of task means, i.e. a sum over items with weight w_task / (n_task * sum w):
+    each micro-batch back-propagates its share and the gradients add up to the whole batch's, while only one
+    micro-batch's activations are held. Returns the loss.
+    """
+    n = len(gold.items)
+    if not micro_items or micro_items >= n:
+        value = search_loss(forward, gold, loss, device, temperature)
+        value.backward()
+        return float(value)
+    counts: dict[str, int] = {}
+    for it in gold.items:
+        counts[it.task] = counts.get(it.task, 0) + 1
+    total_w = sum(gold.weights.get(t, 1.0) for t in counts)
+    scale = [gold.weights.get(it.task, 1.0) / (counts[it.task] * total_w) for it in gold.items]
+    value = 0.0
+    for start in range(0, n, micro_items):
+        part = list(range(start, min(start + micro_items, n)))
+        per_item = item_losses(forward, gold.subset(part), loss, device, temperature)
+        share = (per_item * torch.tensor([scale[k] for k in part], device=per_item.device)).sum()
+        share.backward()
+        value += float(share)
+    return value
 
 
 def _choice_entropy(gold: GoldSet, lp: torch.Tensor) -> torch.Tensor:
@@ -219,7 +251,7 @@ def _choice_entropy(gold: GoldSet, lp: torch.Tensor) -> torch.Tensor:
 
 def refine(space: SearchSpace, resident: Any, live: torch.nn.Module, start: Mapping[str, float], gold: GoldSet,
            *, steps: int = 30, lr: float = 0.05, batch_items: int = 0, loss: str = "ce", temperature: float = 1.0,
-           seed: int = 0, on_step: Any = None) -> RefineResult:
+           seed: int = 0, micro_items: int = 0, on_step: Any = None) -> RefineResult:
     """Adam on the learned weights from `start`; returns the refined parameter values and the loss curve.
 
     Args:
@@ -230,6 +262,8 @@ def refine(space: SearchSpace, resident: Any, live: torch.nn.Module, start: Mapp
         steps, lr: Adam steps and learning rate (in weight units).
         batch_items: items per step (0: all); drawn per step from `seed`.
         loss, temperature: see `search_loss`.
+        micro_items: items per forward/backward pass (0: the whole batch); the gradient is the same, the
+            activations held are a micro-batch's.
         on_step: optional callback(step, loss).
     """
     t0 = time.perf_counter()
@@ -267,15 +301,14 @@ def refine(space: SearchSpace, resident: Any, live: torch.nn.Module, start: Mapp
                 with torch.no_grad():
                     losses.append(float(search_loss(forward, gold, loss, dev, temperature)))
                 break
-            value = search_loss(forward, batch, loss, dev, temperature)
-            if not math.isfinite(value.item()):
-                break
             if step == 0 and batch is not gold:
                 with torch.no_grad():
                     losses.append(float(search_loss(forward, gold, loss, dev, temperature)))
-            elif step == 0:
-                losses.append(value.item())
-            value.backward()
+            value = backward_loss(forward, batch, loss, dev, temperature, micro_items)
+            if not math.isfinite(value):
+                break
+            if step == 0 and batch is gold:
+                losses.append(value)
             grads = {n: targets[n].grad for n in learned.values() if targets[n].grad is not None}
             opt.zero_grad()
             coef.grad = graph.coef_grad(grads)
@@ -286,7 +319,7 @@ def refine(space: SearchSpace, resident: Any, live: torch.nn.Module, start: Mapp
             with torch.no_grad():
                 coef.copy_(torch.maximum(torch.minimum(coef, highs), lows))
             if on_step is not None:
-                on_step(step, value.item())
+                on_step(step, value)
     finally:
         for p in named.values():
             p.grad = None

@@ -156,6 +156,34 @@ def test_chain_rule_gradient_equals_autograd_through_the_merge(loaded, granulari
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["ce", "soft_acc", "entropy"])
+def test_micro_batches_give_the_whole_batch_gradient(loaded, loss):
+    """backward_loss in micro-batches of 3 items (tasks split across them) accumulates the same gradient and
+    returns the same loss as one pass over the batch."""
+    from optimizer.search.refine import backward_loss
+
+    models, resident, live, tok = loaded
+    gold = toy_gold(tok)
+    gold.weights["mc"] = 3.0  # unequal task weights, and 5 + 5 items in micro-batches of 3
+    params = [p for p in live.parameters()]
+
+    def run(micro):
+        for p in params:
+            p.grad = None
+        value = backward_loss(lambda ids, mask: live(input_ids=ids, attention_mask=mask).logits, gold, loss,
+                              None, 1.0, micro)
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return value, grads
+
+    whole, g_whole = run(0)
+    parts, g_parts = run(3)
+    assert parts == pytest.approx(whole, rel=1e-5)
+    for a, b in zip(g_parts, g_whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss", ["ce", "prob", "soft_acc"])
 def test_refinement_lowers_the_search_loss(loaded, loss):
     models, resident, live, tok = loaded
