@@ -89,15 +89,20 @@ def test_gold_never_reads_the_heldout_split(task_dir, tiny_models):
         evaluator_gold(ev, AutoTokenizer.from_pretrained(tiny_models["base"]), split="heldout")
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_models):
+def load_models(tiny_models, dtype="float32"):
+    """(model set, resident tensors, live model, tokenizer) of the tiny base + experts a, b in `dtype`."""
     cfg = OmegaConf.create({"base": str(tiny_models["base"]), "models": {"a": str(tiny_models["a"]),
-                            "b": str(tiny_models["b"])}, "target": None, "tokenizer": None, "dtype": "float32",
+                            "b": str(tiny_models["b"])}, "target": None, "tokenizer": None, "dtype": dtype,
                             "allow_pickle": False, "trust_remote_code": False, "vocab_policy": "error"})
     models = ModelSet(cfg)
     resident = models.load_resident(torch.device("cpu"))
     live = models.load_live(torch.device("cpu"))
     return models, resident, live, models.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    return load_models(tiny_models)
 
 
 def space_for(models, method="task_arithmetic", granularity="layer"):
@@ -216,17 +221,12 @@ def test_refinement_keeps_the_bounds(loaded):
 def test_bf16_models_are_refined_and_their_resident_tensors_kept(tiny_models):
     """A bf16 model set is linear in its weights too (the check must not compare bf16-rounded merges), the
     refiner lowers its loss, and neither the check nor the steps change the resident anchor or task vectors."""
-    cfg = OmegaConf.create({"base": str(tiny_models["base"]), "models": {"a": str(tiny_models["a"]),
-                            "b": str(tiny_models["b"])}, "target": None, "tokenizer": None, "dtype": "bfloat16",
-                            "allow_pickle": False, "trust_remote_code": False, "vocab_policy": "error"})
-    models = ModelSet(cfg)
-    resident = models.load_resident(torch.device("cpu"))
-    live = models.load_live(torch.device("cpu"))
+    models, resident, live, tok = load_models(tiny_models, "bfloat16")
     before = {n: (resident.anchor[n].clone(), [d.clone() for d in resident.deltas[n]]) for n in resident.names}
     space = space_for(models)
     start = space.baseline({"weight": 0.5})
     MergeGraph(space, resident, start, check_only=True)  # raised NotRefinable before
-    result = refine(space, resident, live, start, toy_gold(models.load_tokenizer()), steps=6, lr=0.2,
+    result = refine(space, resident, live, start, toy_gold(tok), steps=6, lr=0.2,
                     batch_items=0, loss="ce")
     assert result.losses[-1] < result.losses[0]
     for n, (anchor, deltas) in before.items():
