@@ -4,10 +4,10 @@ The merged weights are `anchor + sum_i w_i(unit) * e_i`, so the loss on the sear
 (cross-entropy; prediction entropy for prompt-only tasks) is differentiable in the per-unit coefficients `w`:
 each step writes the merge into the live model in place (as a trial does), back-propagates to the live
 weights, and takes the chain rule by hand, dL/dw_i(unit) = sum over the unit's tensors of <dL/dtheta, e_i>
-(chunked dot products). The extra memory is one gradient per merged weight, in its own dtype (1x model
-bytes), not a float32 copy of the merged model plus its autograd graph: a 137M bf16 study peaked 0.66 GiB
-higher with the latter. `MergeGraph.tensors` keeps the autograd formulation (tests check the two agree). Adam takes a few steps from a starting trial and the result,
-clamped to the search bounds, is handed back as ordinary parameter values: the study enqueues it as a trial,
+(chunked dot products). The extra memory is one gradient per merged weight in its own dtype (1x model
+bytes) plus the activations of one micro-batch, not a float32 copy of the merged model with its autograd
+graph. `MergeGraph.tensors` keeps the autograd formulation; tests check the two give the same gradient.
+Adam takes a few steps from a starting trial and the result, clamped to the search bounds, is handed back as ordinary parameter values: the study enqueues it as a trial,
 scores it with the evaluator and records it like any other, so a refinement that does not help is simply a
 worse trial.
 
