@@ -46,6 +46,7 @@ class SharedContextScorer:
         self.rows = int(rows or (bs if isinstance(bs, int) and bs > 0 else 64))
         self.enabled: bool | None = None  # None: not checked yet
         self.reason = ""
+        self._arg: tuple[Any, str] | None = None  # (model, its forward's cache argument)
 
     @staticmethod
     def supports(lm: Any) -> bool:
@@ -111,12 +112,15 @@ class SharedContextScorer:
             out.update(self._batch(requests, batch))
         return out
 
-    @staticmethod
-    def _cache_arg(model: Any) -> str:
-        """The forward argument that takes a cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    def _cache_arg(self, model: Any) -> str:
+        """The forward argument that takes a cache: `cache` (transformers >= 5.2x) or `past_key_values`
+        (looked up once per model, not per batch)."""
         import inspect
 
-        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        if self._arg is None or self._arg[0] is not model:
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            self._arg = (model, name)
+        return self._arg[1]
 
     def _autocast(self) -> Any:
         """The LM's mixed precision, as its `_model_call` applies it."""
