@@ -1,7 +1,8 @@
 """The GPU check's measurements as one table (run by benchmarks/gpu_check.sh, which sets sizes and installs torch).
 
 Three parts, each under its own time limit, all on --device:
-1. merge kernels (benchmarks/merge_kernels.py's tensor set and timing): ms and x copy speed per method;
+1. merge kernels (benchmarks/merge_kernels.py's tensor set and timing): ms and x copy speed per method, with the
+   compiled one-pass kernels (first call: compiling) and the eager ones;
 2. the trial-cost benchmark (benchmarks/trial_cost.py) on its model set: materialisation first/steady,
    evaluation, peak RSS, and mergekit when it is installed;
 3. a short demo-zoo study (`python -m optimizer device=... n_trials=N`): merge and evaluation seconds per trial.
@@ -47,12 +48,27 @@ def kernels(device: str, layers: int, hidden: int, models: int, methods: list[st
 
     copy_s = best_time(copy_all, dev, 2)
     rows = [("kernels", f"{params / 1e6:.0f}M bf16 parameters, {models} task vectors, copy {copy_s * 1e3:.0f} ms")]
+    from optimizer.merge import fused
     from optimizer.merge.registry import METHODS
 
-    for name in methods:
-        t = best_time(lambda name=name: run_method(name, base, deltas, out, models), dev, 2)
+    why_not = fused.available(dev)
+    modes = ["eager"] if why_not else ["fused", "eager"]
+    if why_not:
+        rows.append(("kernels fused", f"unavailable: {why_not}"))
+    for name, mode in ((n, m) for n in methods for m in modes):
+        fused.enable(mode == "fused")
+        try:
+            start = time.perf_counter()
+            run_method(name, base, deltas, out, models)  # the first call compiles a fused variant
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            first = time.perf_counter() - start
+            t = best_time(lambda name=name: run_method(name, base, deltas, out, models), dev, 2)
+        finally:
+            fused.enable(False)
         k = 1 if METHODS[name].max_models == 1 else models  # as merge_kernels.py counts the bytes moved
-        rows.append((f"kernel {name}", f"{t * 1e3:.0f} ms per merge ({(k + 2) / 2 * copy_s / t:.2f}x copy speed)"))
+        rows.append((f"kernel {name} ({mode})", f"{t * 1e3:.0f} ms per merge ({(k + 2) / 2 * copy_s / t:.2f}x copy "
+                                                f"speed; first call {first:.1f} s)"))
     return rows
 
 

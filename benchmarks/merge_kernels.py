@@ -7,6 +7,10 @@ includes their trial-independent SVDs / solve, which a study pays once (memoised
 
     python benchmarks/merge_kernels.py                       # cuda if available, else cpu; 2 task vectors
     python benchmarks/merge_kernels.py --models 3 --dtype bfloat16 --methods task_arithmetic ties
+    python benchmarks/merge_kernels.py --kernels both   # each method with the compiled one-pass kernels and eager
+
+With the compiled kernels (optimizer/merge/fused.py) "first call" includes compiling the variant (cached on
+disk by Inductor: a second run of the script pays less).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 
 import torch
 
+from optimizer.merge import fused
 from optimizer.merge.registry import METHODS
 from optimizer.merge.sparsify import seed_for
 from optimizer.merge.tensor_ops import clear_memo
@@ -83,6 +88,9 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="*", default=sorted(METHODS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--kernels", default="eager", choices=["eager", "fused", "both"],
+                    help="eager kernels, the compiled one-pass ones, or both side by side (fused needs a C++ "
+                         "compiler on CPU, Triton on CUDA)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +112,14 @@ def main(argv=None) -> None:
 
     copy_gbs = 2 * size / best_time(copy_all, device, args.repeats) / 1e9
     rows = [("copy (reference)", f"{2 * size / 1e9:.2f}", "-", "-", f"{copy_gbs:.1f}", "1.00", "")]
-    for name in args.methods:
+    modes = ["fused", "eager"] if args.kernels == "both" else [args.kernels]
+    why_not = fused.available(device)
+    if "fused" in modes and why_not:
+        print(f"fused kernels unavailable on {device}: {why_not}; eager only")
+        modes = ["eager"]
+    for name, mode in ((n, m) for n in args.methods for m in modes):
+        fused.enable(mode == "fused")
+        label = name if len(modes) == 1 else f"{name} ({mode})"
         k = n_inputs(name, args.models)
         clear_memo()  # a fresh study: the first call pays the trial-independent work
         start = time.perf_counter()
@@ -116,9 +131,10 @@ def main(argv=None) -> None:
         ratio = moved / t / 1e9 / copy_gbs
         target = TARGETS.get(name)
         verdict = "" if target is None else ("meets" if ratio >= target else "below") + f" {target}x"
-        rows.append((name, f"{moved / 1e9:.2f}", f"{first * 1e3:.0f}", f"{t * 1e3:.0f}", f"{moved / t / 1e9:.1f}",
+        rows.append((label, f"{moved / 1e9:.2f}", f"{first * 1e3:.0f}", f"{t * 1e3:.0f}", f"{moved / t / 1e9:.1f}",
                      f"{ratio:.2f}", verdict))
     clear_memo()
+    fused.enable(False)
     _print(rows)
 
 

@@ -7,6 +7,8 @@ S safetensors shards, with the demo zoo's tokenizer, so the zoo tasks score it. 
   the median of the later ones), evaluation per trial, the non-evaluation share of a steady trial, the load
   time and the process's peak RSS against (2 + K) x model bytes (resident base + K task vectors + the live
   model);
+- with `--fused both` (default) that study twice, with the compiled one-pass merge kernels
+  (`fused_kernels=on`) and with the eager ones (`off`), side by side;
 - `mergekit-yaml` (if found) on trial 1's own recipe.yaml artifact (the second baseline), disk to disk, whole
   process: wall time and peak RSS; the speed-up is mergekit's whole process over our steady materialisation.
 
@@ -156,16 +158,17 @@ def run_child(kind: str, args: list[str], log: Path, env: dict[str, str] | None 
 
 # --- one method ------------------------------------------------------------------------------------------
 
-def study(method: str, dirs: dict[str, Path], work: Path, args: argparse.Namespace) -> dict:
+def study(method: str, fused: str, dirs: dict[str, Path], work: Path, args: argparse.Namespace) -> dict:
     import optuna
 
-    name = f"tc_{method}"
+    name = f"tc_{method}_{fused}"
     overrides = ["models=custom", f"models.base={dirs['base']}", "models.dtype=bfloat16",
                  *(f"+models.models.{m}={d}" for m, d in dirs.items() if m != "base"),
                  f"merge={method}", "mode=layer", "sampler=random", f"search={args.search}", f"n_trials={args.trials}",
                  f"study_name={name}", f"run_root={work}", "storage=sqlite", "export.enabled=false",
                  f"device={args.device}", "evaluator=zoo", f"evaluator.limit={args.limit}",
-                 f"evaluator.batch_size={args.batch_size}", *([f"threads={args.threads}"] if args.threads else [])]
+                 f"evaluator.batch_size={args.batch_size}", f"fused_kernels={fused}",
+                 *([f"threads={args.threads}"] if args.threads else [])]
     res = run_child("study", overrides, work / f"{name}.log", thread_env(args.threads))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     st = optuna.load_study(study_name=name, storage=f"sqlite:///{work / name / 'study.db'}")
@@ -280,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for both tools (default: the study's auto choice, torch's for mergekit); on a "
                          "shared machine 1 keeps other load from stalling multi-threaded kernels")
+    ap.add_argument("--fused", default="both", choices=["both", "auto", "on", "off"],
+                    help="fused_kernels of the studies; both (default): one study with the compiled kernels (on) "
+                         "and one with the eager ones (off) per method, side by side")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml, or none")
     ap.add_argument("--out", default=None, help="model-set cache (default under the merge-optimizer cache)")
     ap.add_argument("--json", default=None, help="also write the measurements here")
@@ -302,13 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="trial_cost-") as tmp:
         work = Path(tmp)
+        modes = ["on", "off"] if args.fused == "both" else [args.fused]
         for method in args.methods:
-            print(f"{method}: study ...", flush=True)
-            rows[method] = study(method, dirs, work, args)
-            rows[method]["mk"] = None
+            cols = []
+            for mode in modes:
+                print(f"{method}: study, fused_kernels={mode} ...", flush=True)
+                col = f"{method} ({'fused' if mode == 'on' else 'eager' if mode == 'off' else mode})"
+                rows[col] = study(method, mode, dirs, work, args)
+                cols.append(col)
+            mk = None
             if exe:
                 print(f"{method}: mergekit-yaml ...", flush=True)
-                rows[method]["mk"] = mergekit(rows[method]["recipe"], method, work, exe, args.threads)
+                mk = mergekit(rows[cols[0]]["recipe"], method, work, exe, args.threads)
+            for col in cols:
+                rows[col]["mk"] = mk
     index = json.loads((dirs["base"] / "model.safetensors.index.json").read_text())
     model_bytes = index["metadata"]["total_size"]
     text = table(rows, model_bytes, args.models, model_bytes // 2, args)

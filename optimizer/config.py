@@ -212,6 +212,9 @@ class Config:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None  # torch CPU threads; None: auto (1 for models under 50M params on CPU)
+    # compiled one-pass merge kernels (optimizer/merge/fused.py): auto (on for models of >= 50M params when
+    # torch.compile can build for the device), on, off
+    fused_kernels: str = "auto"
     run_root: str = "runs"
     max_failures: int = 5
     models: ModelsConfig = field(default_factory=ModelsConfig)

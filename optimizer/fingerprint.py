@@ -4,7 +4,7 @@ A study may be resumed only by a run whose fingerprint equals the stored one: th
 content hash of every weight, config and tokenizer file; not their paths, so workers on other machines may
 keep the files elsewhere; the paths are stored for messages), the same method, space and bounds, the same
 evaluator (tasks, splits, limits, ...), judge (when one scores) and objective. What does not change scores
-(sampler, pruner, n_trials, device, threads, batch sizes, retries, export settings) is left out, so a study
+(sampler, pruner, n_trials, device, threads, fused_kernels, batch sizes, retries, export settings) is left out, so a study
 can be resumed with another sampler or on another machine.
 
 Everything here reads file headers and a few sampled blocks only; it runs before any model is loaded.

@@ -66,6 +66,7 @@ class Session:
     resident: Resident | None = None
     dense: tuple[torch.nn.Module, Applier] | None = None
     timings: dict[str, list[float]] = field(default_factory=lambda: {"merge": [], "eval": [], "pruned_at": []})
+    kernels: str = ""  # which merge kernels run (set_fused's note)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -100,6 +101,7 @@ def prepare(cfg: DictConfig) -> Session:
             cfg.models.dtype = moe.dtype
     models = ModelSet(cfg.models)
     set_threads(cfg.threads, device, models)
+    fused_note = set_fused(cfg.fused_kernels, device, models)
     n = len(models.names)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         raise UserError(f"merge.method={method.name!r} takes {method.min_models}..{method.max_models or 'any'} "
@@ -130,7 +132,7 @@ def prepare(cfg: DictConfig) -> Session:
     for b in cfg.merge.baselines:
         space.baseline(b)
     check_disk(Path(cfg.run_root), export_bytes(models) if cfg.export.enabled else 0)
-    return Session(cfg, run_dir, device, models, space, evaluator, objective, moe=moe)
+    return Session(cfg, run_dir, device, models, space, evaluator, objective, moe=moe, kernels=fused_note)
 
 
 def check_split_overlap(node: Any, where: str = "evaluator") -> None:
@@ -196,6 +198,33 @@ def set_threads(threads: int | None, device: torch.device, models: ModelSet) -> 
             torch.set_num_threads(1)
 
 
+FUSED_MIN_PARAMS = 50_000_000  # below this a trial's merge costs milliseconds: compiling would not pay
+
+
+def set_fused(choice: Any, device: torch.device, models: ModelSet) -> str:
+    """Switch the compiled merge kernels on or off for this process; returns what the console says.
+
+    ``auto``: on when the model has >= FUSED_MIN_PARAMS parameters and torch.compile can build for the
+    device (compiling costs seconds to a minute once, at the warm-up merge; a merge of a small model costs
+    milliseconds). ``on`` without a compiler is a UserError, before anything is loaded."""
+    from optimizer.merge import fused
+
+    value = str(choice).strip().lower()
+    mode = {"auto": "auto", "on": "on", "true": "on", "1": "on", "off": "off", "false": "off", "0": "off"}.get(value)
+    if mode is None:
+        raise UserError(f"fused_kernels={choice!r} is not a choice; use auto, on or off.")
+    why_not = fused.available(device) if mode != "off" else "fused_kernels=off"
+    if mode == "on" and why_not:
+        raise UserError(f"fused_kernels=on, but the compiled merge kernels cannot run on {device}: {why_not}. "
+                        "Install what is missing, or use fused_kernels=auto or off (the eager kernels give "
+                        "the same merges, slower).")
+    params = sum(math.prod(i.shape) for i in models.infos.values())
+    if mode == "auto" and not why_not and params < FUSED_MIN_PARAMS:
+        why_not = f"{params / 1e6:.0f}M parameters < {FUSED_MIN_PARAMS / 1e6:.0f}M"
+    fused.enable(not why_not)
+    return "fused merge kernels on" if not why_not else f"eager merge kernels ({why_not})"
+
+
 def load(s: Session) -> None:
     """Load the resident tensors and the live model once (the expensive part)."""
     from rich.progress import Progress
@@ -223,11 +252,13 @@ def load(s: Session) -> None:
     from optimizer.models import warm_up  # trial 0's one-off costs (order statistics, page faults) go here
 
     first = list(s.cfg.merge.baselines)[:1] or [{}]
+    compiling = ", compiling the fused kernels" if s.kernels.startswith("fused") else ""
     warm = warm_up(s.applier, s.space.plan(s.space.baseline(first[0])), seed=s.cfg.seed, console=console,
-                   label=f"warm-up: one {s.space.method.name} merge (order statistics, page faults)")
+                   label=f"warm-up: one {s.space.method.name} merge (order statistics, page faults{compiling})")
     console.print(f"resident: {resident.nbytes() / 2**20:.1f} MiB on {s.device}; "
                   f"search space: {len(s.space)} parameters ({s.space.layout.granularity}, "
-                  f"{len(s.space.layout.units)} units x {len(s.models.names)} models); warm-up {warm:.2f} s")
+                  f"{len(s.space.layout.units)} units x {len(s.models.names)} models); {s.kernels}; "
+                  f"warm-up {warm:.2f} s")
 
 
 def dense_reference(s: Session) -> tuple[torch.nn.Module, Applier]:

@@ -47,6 +47,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _eager_kernels_after_each_test():
+    """A study switches the compiled merge kernels on for its process (fused_kernels); kernel tests expect
+    the eager ones, whatever ran before them."""
+    yield
+    from optimizer.merge import fused
+
+    fused.enable(False)
+
+
 # Parametrize device-agnostic tests with this: CPU always, CUDA too (a `gpu` test) where present.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
 

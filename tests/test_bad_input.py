@@ -256,6 +256,15 @@ def _objective(cfg, tmp_path, tiny_models, monkeypatch):
         "different objective"
 
 
+def _fused_value(cfg, tmp_path, tiny_models, monkeypatch):
+    return {"fused_kernels": "sometimes"}, "fused_kernels='sometimes' is not a choice; use auto, on or off"
+
+
+def _fused_without_compiler(cfg, tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setattr("optimizer.merge.fused.available", lambda device: "no C++ compiler (g++, c++ or clang++)")
+    return {"fused_kernels": "on"}, "fused_kernels=on, but the compiled merge kernels cannot run on cpu"
+
+
 def _bad_study_name(cfg, tmp_path, tiny_models, monkeypatch):
     return {"study_name": "a/b"}, "study_name='a/b' is not a plain name"
 
@@ -272,6 +281,7 @@ RESUME_CASES = {
     "resume: other model behind a name": _other_models, "resume: weights changed in place": _weights_changed,
     "resume: evaluator.limit changed": _evaluator_limit, "resume: evaluator tasks changed": _evaluator_tasks,
     "resume: objective changed": _objective, "study_name with a slash": _bad_study_name,
+    "fused_kernels not a choice": _fused_value, "fused_kernels=on without a compiler": _fused_without_compiler,
 }
 
 

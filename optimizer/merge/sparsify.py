@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from optimizer.merge import fused
+
 CHUNK = 1 << 18  # elements per chunk: the few float32 buffers of this size a merge needs stay in cache
 _SAMPLE = 1 << 16  # sample size used to bracket an order statistic
 _EXACT_BELOW = 1 << 18  # below this many elements, select exactly with kthvalue
@@ -173,6 +175,9 @@ def order_stats(x: torch.Tensor, ranks: Sequence[int]) -> list[OrderStat]:
 
 def tie_position(x: torch.Tensor, value: float, j: int) -> int:
     """Flat index of the j-th (0-based) element whose float32 |x| equals ``value``."""
+    pos = fused.tie_position(x, value, j)
+    if pos is not None:
+        return pos
     flat, seen = x.reshape(-1), 0
     bufs = torch.empty(2, min(CHUNK, flat.numel()), device=x.device)
     for start, stop in chunks(flat.numel()):
@@ -336,3 +341,6 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: t
         else:
             out[r0:r1] = keep
     return out.view(delta.shape)
+
+
+EMPTY_WINDOW = WindowMask(torch.zeros(1), 1, 1)  # keeps nothing (a model that contributes nothing)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from optimizer.merge import fused
 from optimizer.merge import sparsify as sp
 from optimizer.merge.tensor_ops import (
     add_,
@@ -142,6 +143,14 @@ def task_arithmetic(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[fl
             t.coef *= lambda_ / div
         if all(t.window is None and t.mask is None for t in live):
             return weighted_sum(base, 1.0, [t.flat for t in live], [t.coef for t in live], out)
+    if all(t is None or t.mask is None for t in terms):
+        # every model passed (a dropped one with an empty window): one compiled variant per model count
+        target, flat_out = out_buffer(base, out)
+        if fused.window_mix(base.reshape(-1), [d.reshape(-1) for d in deltas],
+                            [sp.EMPTY_WINDOW if t is None else t.window for t in terms],
+                            [0.0 if t is None else t.coef for t in terms], w, consensus, normalize, lambda_,
+                            flat_out):
+            return finish_out(target, flat_out)
     kept = [(t, w[i]) for i, t in enumerate(terms) if t is not None]
     return _merge_chunks(base, kept, consensus, normalize, lambda_, out)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from optimizer.merge import fused
 from optimizer.merge import sparsify as sp
 
 Tensor = torch.Tensor
@@ -69,6 +70,9 @@ def weighted_sum(base: Tensor, base_coef: float, deltas: Sequence[Tensor], coefs
     """
     target, flat_out = out_buffer(base, out)
     fb = base.reshape(-1)
+    # zero coefficients included: one compiled variant per model count, whatever a trial zeroes
+    if fused.weighted_sum(fb, base_coef, [d.reshape(-1) for d in deltas], coefs, flat_out):
+        return finish_out(target, flat_out)
     fds = [d.reshape(-1) for d, c in zip(deltas, coefs, strict=True) if c != 0]
     cs = [float(c) for c in coefs if c != 0]
     direct = flat_out.dtype == torch.float32  # accumulate straight into out when it is fp32
