@@ -47,16 +47,18 @@ from optimizer.study import (
 class ItemReporter:
     """Collects a trial's item scores (fixed order per study) and asks the pruner every `chunk_size` items.
 
-    At each check, for the Wilcoxon pruner, the item scores so far are written as one user attr
-    (`optimizer.pruning.ITEMS`), which it compares item by item with the best trial's: one storage write per
-    check instead of one per item. Every other pruner (median, percentile, ...) reads a learning curve: it
-    gets the running mean as the intermediate value (step = items scored).
+    For the Wilcoxon pruner the item scores stay in memory and the pruner is asked directly
+    (`ItemWilcoxonPruner.prune_items`): no storage write or read per check. They are written once when the
+    trial finishes (`flush`, one user attr, `optimizer.pruning.ITEMS`), for later trials to compare with.
+    Every other pruner (median, percentile, ...) reads a learning curve: it gets the running mean as the
+    intermediate value (step = items scored) through `trial.report` / `trial.should_prune`.
     """
 
     def __init__(self, s: Session, trial: optuna.Trial):
         self.trial = trial
         self.every = max(int(s.evaluator.chunk_size), 1)
-        self.keep = isinstance(trial.study.pruner, ItemWilcoxonPruner)
+        pruner = trial.study.pruner
+        self.items_pruner = pruner if isinstance(pruner, ItemWilcoxonPruner) else None
         self.items: list[float] = []
         self.written = 0
         self.timings = s.timings
@@ -67,19 +69,20 @@ class ItemReporter:
         n = len(self.items)
         if n % self.every:
             return
-        if self.keep:
-            self.flush()  # the Wilcoxon pruner reads the items (a running mean would be one more write)
+        if self.items_pruner is not None:
+            prune = self.items_pruner.prune_items(self.trial.study, self.trial.number, self.items)
         else:
             self.trial.report(sum(self.items) / n, n)
-        if self.trial.should_prune():
+            prune = self.trial.should_prune()
+        if prune:
             self.timings["pruned_at"].append(n)
             self.trial.set_user_attr("pruned_after_items", n)
             self.trial.set_user_attr("eval_seconds", time.perf_counter() - self.started)
             raise optuna.TrialPruned(f"pruned after {n} items")
 
     def flush(self) -> None:
-        """Write the item scores so far (the Wilcoxon pruner reads them; the best trial's must be whole)."""
-        if self.keep and len(self.items) > self.written:
+        """Write the finished trial's item scores (the Wilcoxon pruner compares later trials with them)."""
+        if self.items_pruner is not None and len(self.items) > self.written:
             self.trial.set_user_attr(ITEMS, self.items)
             self.written = len(self.items)
 

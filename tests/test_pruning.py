@@ -45,9 +45,10 @@ def test_same_decisions_as_optunas_pruner(direction, kwargs):
             a, b = reference.ask(), ours.ask()
             for i, v in enumerate(items):
                 a.report(v, i)
+            in_memory = ours.pruner.prune_items(ours, b.number, items)  # what the study loop asks
             b.set_user_attr(ITEMS, items)
             want, got = a.should_prune(), b.should_prune()
-            assert got == want, (quality, n)
+            assert got == want == in_memory, (quality, n)
             decisions.append(got)
             reference.tell(a, state=optuna.trial.TrialState.PRUNED)
             ours.tell(b, state=optuna.trial.TrialState.PRUNED)
@@ -76,3 +77,26 @@ def test_with_items_copies():
     view = with_items(frozen)
     assert view.intermediate_values == {0: 0.5, 1: 1.0}
     assert frozen.intermediate_values == {}  # the stored trial is not changed
+
+
+def test_the_study_loop_checks_from_memory_and_writes_the_items_once(tiny_models, tmp_path, monkeypatch):
+    """A pruned study: no storage write per pruning check; each finished trial stores its items once."""
+    from optimizer.runner import run
+    from tests.test_runner import load, make_cfg
+
+    writes: list[str] = []
+    real = optuna.trial.Trial.set_user_attr
+    monkeypatch.setattr(optuna.trial.Trial, "set_user_attr",
+                        lambda self, key, value: writes.append(key) or real(self, key, value))
+    asked: list[int] = []
+    real_prune = ItemWilcoxonPruner.prune_items
+    monkeypatch.setattr(ItemWilcoxonPruner, "prune_items",
+                        lambda self, study, number, items: asked.append(len(items))
+                        or real_prune(self, study, number, items))
+    cfg = make_cfg(tiny_models, tmp_path, n_trials=6, pruner={"name": "wilcoxon"})  # toy: 120 items, checks per 10
+    assert run(cfg) == 0
+    trials = load(cfg).trials
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(asked) >= 2 * len(trials)  # several checks per trial ...
+    assert writes.count(ITEMS) == len(finished)  # ... but one write of the items per finished trial
+    assert all(len(t.user_attrs[ITEMS]) == 120 for t in finished)
