@@ -3,9 +3,9 @@
 Optuna's `WilcoxonPruner` reads each item's score as one intermediate value (step = item), so a trial of 450
 items made 450 `trial.report` calls, each a storage transaction (~2 ms on SQLite: as much as evaluating the
 demo zoo). Here a running trial keeps its item scores in memory and the study loop asks the pruner directly
-(`ItemWilcoxonPruner.prune_items`: no storage write or read per check, ~5 ms each on SQLite); a finished
-trial's item scores are written once, as one user attr (`ITEMS`, a list in the study's fixed item order), for
-the trials after it (and other workers) to compare with. `ItemWilcoxonPruner` hands Optuna's own
+(`ItemWilcoxonPruner.prune_items`: no storage write or read per check, ~5 ms each on SQLite); a trial's item
+scores are written once when it finishes or is stopped, as one user attr (`ITEMS`, a list in the study's
+fixed item order): a finished trial's are what the trials after it (and other workers) compare with. `ItemWilcoxonPruner` hands Optuna's own
 `WilcoxonPruner` copies of the current and the best trial whose intermediate values are those items: the
 test and its safety rules are Optuna's, unchanged; only where the numbers live differs. `trial.should_prune()`
 works too (it reads the `ITEMS` attr of the running trial, when something wrote it).

@@ -49,7 +49,8 @@ class ItemReporter:
 
     For the Wilcoxon pruner the item scores stay in memory and the pruner is asked directly
     (`ItemWilcoxonPruner.prune_items`): no storage write or read per check. They are written once when the
-    trial finishes (`flush`, one user attr, `optimizer.pruning.ITEMS`), for later trials to compare with.
+    trial finishes or is stopped (`flush`, one user attr, `optimizer.pruning.ITEMS`): later trials compare
+    with a finished one's.
     Every other pruner (median, percentile, ...) reads a learning curve: it gets the running mean as the
     intermediate value (step = items scored) through `trial.report` / `trial.should_prune`.
     """
@@ -75,13 +76,15 @@ class ItemReporter:
             self.trial.report(sum(self.items) / n, n)
             prune = self.trial.should_prune()
         if prune:
+            self.flush()  # what the stopped trial scored, for the dashboard and the report
             self.timings["pruned_at"].append(n)
             self.trial.set_user_attr("pruned_after_items", n)
             self.trial.set_user_attr("eval_seconds", time.perf_counter() - self.started)
             raise optuna.TrialPruned(f"pruned after {n} items")
 
     def flush(self) -> None:
-        """Write the finished trial's item scores (the Wilcoxon pruner compares later trials with them)."""
+        """Write the trial's item scores so far (the Wilcoxon pruner compares later trials with a finished
+        trial's)."""
         if self.items_pruner is not None and len(self.items) > self.written:
             self.trial.set_user_attr(ITEMS, self.items)
             self.written = len(self.items)

@@ -64,6 +64,9 @@ def enable(on: bool = True) -> None:
         # each (number of models, dtypes, consensus) variant is one compiled graph of the same code object;
         # tests and multi-method benchmarks see more than Dynamo's default of 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # past the limit Dynamo would run the formula uncompiled, on whole tensors (float32 temporaries the
+        # size of the largest tensor); an error instead switches to the chunked eager kernels (see _run)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def enabled() -> bool:

@@ -139,6 +139,25 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(on, monkeypatch
     assert torch.equal(got, eager)
 
 
+def test_past_the_recompile_limit_the_eager_kernels_take_over(on):
+    """A new variant beyond Dynamo's recompile limit is an error, so the chunked eager kernel runs instead of
+    the formula uncompiled on whole tensors."""
+    import torch._dynamo
+
+    base, deltas = bf16_inputs(3, seed=13, n=4096)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            weighted_sum(base, 1.0, deltas[:2], [0.3, 0.4], torch.empty(base.shape))  # variant 1: two models
+            assert fused.enabled()
+            with pytest.warns(RuntimeWarning, match="switched off"):
+                got = weighted_sum(base, 1.0, deltas, [0.3, 0.4, 0.5], torch.empty(base.shape))  # variant 2
+    finally:
+        torch._dynamo.reset()
+    assert not fused.enabled()
+    assert torch.equal(got, weighted_sum(base, 1.0, deltas, [0.3, 0.4, 0.5], torch.empty(base.shape)))
+
+
 def test_tie_position_matches_the_eager_search(on):
     _, deltas = bf16_inputs(1, seed=11)
     d = deltas[0]
