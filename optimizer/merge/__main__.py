@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["float32", "storage"],
                     help="arithmetic: float32 (default; the recipe's merge_optimizer.precision if set) or storage "
                          "(the storage dtype, op by op as mergekit: bf16 merges match mergekit's)")
+    ap.add_argument("--kernels", choices=["eager", "fused"],
+                    help="eager kernels, or the compiled one-pass ones (default: the recipe's merge_optimizer.kernels, "
+                         "which a study writes when it merged with them, so the output is its trial bit for bit)")
     ap.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9, help="output shard size (5GB)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = ap.parse_args(argv)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         merge_recipe(args.recipe, args.out_dir, seed=args.seed, trial=args.trial, device=args.device,
                      vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
                      max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                     precision=args.precision)
+                     precision=args.precision, kernels=args.kernels)
     except UserError as e:
         fail(str(e))
     return 0

@@ -46,7 +46,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def merge_recipe(recipe_path: str | Path, out_dir: str | Path, *, seed: int | None = None,
                  trial: int | None = None, device: str | None = None, vocab_policy: str | None = None,
                  allow_pickle: bool = False, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
-                 precision: str | None = None, log: Any = None) -> Path:
+                 precision: str | None = None, kernels: str | None = None, log: Any = None) -> Path:
     """Apply the recipe at `recipe_path` and write the merged model to `out_dir`.
 
     Args:
@@ -60,17 +60,23 @@ def merge_recipe(recipe_path: str | Path, out_dir: str | Path, *, seed: int | No
         max_shard_bytes: output shard size.
         overwrite: replace a non-empty `out_dir`.
         precision: "float32" (default) or "storage" (compute in the storage dtype, as mergekit).
+        kernels: "eager" or "fused" (the compiled one-pass kernels); default: the recipe's
+            `merge_optimizer.kernels` (a study writes `fused` when it merged with them), else eager.
         log: callable for progress lines (default: stderr).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     recipe, raw = load_recipe(recipe_path)
     inp = resolve(recipe, raw, seed=seed, trial=trial, vocab_policy=vocab_policy, allow_pickle=allow_pickle,
-                  precision=precision)
+                  precision=precision, kernels=kernels)
     out = _check_out_dir(Path(out_dir), inp, overwrite)
     if not (Path(inp.anchor.path) / "config.json").exists():
         raise UserError(f"{inp.anchor.what}={inp.anchor.ref!r} has no config.json; the merged folder needs the "
                         "architecture of the model it is built on.")
     dev = _device(device, inp, log)
+    from optimizer.merge import fused
+
+    was_on = fused.enabled()
+    _kernels(inp, dev, log)
     params = {j.name: tensor_params(inp, j) for j in inp.jobs if j.info.dtype.is_floating_point}
     if inp.method.stochastic:
         log(f"random masks: seed {inp.seed}, trial {inp.trial} (per tensor: seed_for(seed, trial, name)) on {dev}")
@@ -86,8 +92,25 @@ def merge_recipe(recipe_path: str | Path, out_dir: str | Path, *, seed: int | No
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        fused.enable(was_on)
     log(f"{inp.method.name} merge of {len(inp.recipe.models)} models written to {out}")
     return out
+
+
+def _kernels(inp: Inputs, dev: torch.device, log: Any) -> None:
+    """Switch the compiled kernels on when asked (the recipe's study used them: same bits as its trial)."""
+    from optimizer.merge import fused
+
+    why_not = fused.available(dev) if inp.kernels == "fused" else None
+    if why_not and not inp.kernels_from_recipe:
+        raise UserError(f"--kernels fused, but the compiled merge kernels cannot run on {dev}: {why_not}. "
+                        "Use --kernels eager (the same merge up to float32 rounding in the last bit).")
+    if why_not:
+        log(f"warning: the recipe's study merged with the compiled kernels, which cannot run on {dev} "
+            f"({why_not}); the eager kernels may differ from its trial in the last bit of a few elements")
+    fused.enable(inp.kernels == "fused" and not why_not)
+    if fused.enabled():
+        log("compiled merge kernels (as the recipe's study): compiling takes seconds to a minute once")
 
 
 def _device(requested: str | None, inp: Inputs, log: Any) -> torch.device:

@@ -221,7 +221,42 @@ def test_a_study_with_fused_kernels_matches_one_without(tiny_models, tmp_path, c
         assert ("fused merge kernels on" if mode == "on" else "eager merge kernels (fused_kernels=off)") in out
         values[mode] = [t.value for t in load(cfg).trials]
         weights[mode] = load_file(str(next((tmp_path / mode / "runs" / "t" / "best").glob("*.safetensors"))))
+    # the recipe says which kernels merged the trial; re-applying it uses them: the exported model, bit for bit
+    best = tmp_path / "on" / "runs" / "t" / "best"
+    assert "kernels: fused" in (best / "recipe.yaml").read_text()
+    assert "kernels:" not in (tmp_path / "off" / "runs" / "t" / "best" / "recipe.yaml").read_text()
+    from optimizer.merge.run_recipe import merge_recipe
+
+    again = merge_recipe(best / "recipe.yaml", tmp_path / "again", log=lambda _: None)
+    assert not fused.enabled()  # merge_recipe leaves the switch as it found it
+    redo = load_file(str(next(again.glob("*.safetensors"))))
+    assert redo.keys() == weights["on"].keys()
+    assert all(torch.equal(redo[k], weights["on"][k]) for k in redo)
     assert values["on"] == pytest.approx(values["off"], rel=1e-5, abs=1e-7)
     assert weights["on"].keys() == weights["off"].keys()
     for name, w in weights["on"].items():
         torch.testing.assert_close(w, weights["off"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_recipe_kernels_choice_and_its_errors(tiny_models, tmp_path, monkeypatch):
+    """`--kernels fused` where nothing compiles is exit 2; a recipe that asks for them falls back with a
+    warning line; an unknown value is refused."""
+    from optimizer.merge.run_recipe import merge_recipe
+
+    def recipe(kernels: str | None) -> str:
+        ext = f"merge_optimizer: {{kernels: {kernels}}}\n" if kernels else ""
+        text = (f"merge_method: task_arithmetic\nbase_model: {tiny_models['base']}\nmodels:\n"
+                f"  - model: {tiny_models['a']}\n    parameters: {{weight: 0.5}}\ndtype: float32\n{ext}")
+        path = tmp_path / f"r_{kernels}.yaml"
+        path.write_text(text)
+        return str(path)
+
+    with pytest.raises(UserError, match="merge_optimizer.kernels='turbo' is unknown"):
+        merge_recipe(recipe("turbo"), tmp_path / "x")
+    monkeypatch.setattr(fused, "available", lambda device: "no C++ compiler (g++, c++ or clang++) on PATH")
+    with pytest.raises(UserError, match="--kernels fused, but the compiled merge kernels cannot run on cpu"):
+        merge_recipe(recipe(None), tmp_path / "y", kernels="fused")
+    lines: list[str] = []
+    merge_recipe(recipe("fused"), tmp_path / "z", log=lines.append)
+    assert any("warning: the recipe's study merged with the compiled kernels" in line for line in lines)
+    assert (tmp_path / "z" / "config.json").exists() and not fused.enabled()

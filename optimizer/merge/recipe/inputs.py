@@ -6,8 +6,9 @@ Beyond mergekit's schema, the ``merge_optimizer`` key (which mergekit ignores) c
 re-applied exactly: ``seed`` and ``trial`` of random masks, ``device`` (the type the masks were drawn on),
 ``target`` (chat vector: the anchor the task vectors are added to), ``base`` (the task vectors' reference of
 methods that take no base_model, e.g. linear), ``rescale: inverse_density``, ``vocab_policy`` and
-``precision`` (``storage``: compute in the storage dtype as mergekit). A top-level ``random_seed`` is read as
-the seed.
+``precision`` (``storage``: compute in the storage dtype as mergekit) and ``kernels`` (``fused``: the study
+merged with the compiled kernels of ``optimizer.merge.fused``, whose float32 rounding can differ from the
+eager ones in the last bit). A top-level ``random_seed`` is read as the seed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from optimizer.merge.tensor_ops import PRECISIONS
 from optimizer.models import check_compatible, check_vocab_policy
 
 MERGEKIT_EXTENSION = "merge_optimizer"  # top-level key mergekit's schema ignores; `python -m optimizer.merge` reads it
-EXTENSION_KEYS = ("seed", "trial", "device", "target", "base", "rescale", "vocab_policy", "precision")
+EXTENSION_KEYS = ("seed", "trial", "device", "target", "base", "rescale", "vocab_policy", "precision", "kernels")
+KERNELS = ("eager", "fused")
 _UNSUPPORTED_KEYS = {"tokenizer": "a 'tokenizer' section (vocabulary surgery)",
                      "chat_template": "'chat_template'"}
 
@@ -53,6 +55,8 @@ class Inputs:
     precision: str
     tokenizer: Path | None
     mask_device: str | None = None  # device type a study drew the random masks on
+    kernels: str = "eager"  # "fused": the compiled one-pass kernels (optimizer.merge.fused)
+    kernels_from_recipe: bool = False  # the choice came from the recipe, not the command line
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
@@ -76,7 +80,8 @@ def load_recipe(path: str | Path) -> tuple[Recipe, dict[str, Any]]:
 
 
 def resolve(recipe: Recipe, raw: Mapping[str, Any], *, seed: int | None = None, trial: int | None = None,
-            vocab_policy: str | None = None, allow_pickle: bool = False, precision: str | None = None) -> Inputs:
+            vocab_policy: str | None = None, allow_pickle: bool = False, precision: str | None = None,
+            kernels: str | None = None) -> Inputs:
     """Locate and cross-check the recipe's models from their headers and lay out the output (nothing heavy is
     loaded).
 
@@ -87,6 +92,7 @@ def resolve(recipe: Recipe, raw: Mapping[str, Any], *, seed: int | None = None, 
         vocab_policy: override the recipe's vocabulary policy ("error" or "truncate_to_base").
         allow_pickle: accept `.bin` checkpoints.
         precision: override the recipe's precision ("float32" or "storage").
+        kernels: override the recipe's kernels ("eager" or "fused").
     """
     ext = _extension(raw)
     method = recipe.method
@@ -121,12 +127,16 @@ def resolve(recipe: Recipe, raw: Mapping[str, Any], *, seed: int | None = None, 
     prec = precision or ext.get("precision") or "float32"
     if prec not in PRECISIONS:
         raise UserError(f"precision={prec!r} is unknown; use one of {list(PRECISIONS)}.")
+    kern = kernels or ext.get("kernels") or "eager"
+    if kern not in KERNELS:
+        where = "--kernels" if kernels else f"recipe key {MERGEKIT_EXTENSION}.kernels"
+        raise UserError(f"{where}={kern!r} is unknown; use one of {list(KERNELS)}.")
     return Inputs(recipe, method, ckpts, anchor, target, jobs, dtype,
                   parse_dtype(raw.get("out_dtype") or "auto", dtype),
                   seed=_int(seed, ext.get("seed"), raw.get("random_seed"), what="seed"),
                   trial=_int(trial, ext.get("trial"), what="trial"), rescale=ext.get("rescale"), precision=prec,
                   tokenizer=_tokenizer_source(raw.get("tokenizer_source"), anchor, ckpts, recipe.base_model),
-                  mask_device=ext.get("device"))
+                  mask_device=ext.get("device"), kernels=kern, kernels_from_recipe=kernels is None and "kernels" in ext)
 
 
 def _check_counts(recipe: Recipe, method: MergeMethod) -> None:

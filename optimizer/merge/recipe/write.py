@@ -18,6 +18,7 @@ import yaml
 
 from optimizer.checkpoint import locate
 from optimizer.dtypes import dtype_name
+from optimizer.merge import fused
 from optimizer.merge.recipe.inputs import MERGEKIT_EXTENSION
 from optimizer.merge.registry import METHODS
 
@@ -131,6 +132,8 @@ def recipe_doc(s: Session, plan: MergePlan, trial: int | None = None) -> dict[st
         ext["target"] = ref(m.target)
     if m.vocab_policy != "error":
         ext["vocab_policy"] = m.vocab_policy
+    if fused.enabled():  # the trial was merged with the compiled kernels: re-apply it with them, bit for bit
+        ext["kernels"] = "fused"
     doc = plan_doc(plan, {name: ref(c) for name, c in m.experts.items()}, ref(m.base),
                    dtype_name(m.dtype), extension=ext)
     if getattr(s.cfg.models, "tokenizer", None):
