@@ -67,6 +67,8 @@ def kernels(device: str, layers: int, hidden: int, models: int, methods: list[st
         finally:
             fused.enable(False)
         k = 1 if METHODS[name].max_models == 1 else models  # as merge_kernels.py counts the bytes moved
+        if mode == "fused" and METHODS[name].stochastic:
+            mode = "fused on; random masks stay eager"
         rows.append((f"kernel {name} ({mode})", f"{t * 1e3:.0f} ms per merge ({(k + 2) / 2 * copy_s / t:.2f}x copy "
                                                 f"speed; first call {first:.1f} s)"))
     return rows
