@@ -42,7 +42,9 @@ else
   : "${KERNEL_LAYERS:=6}" "${KERNEL_HIDDEN:=1024}" "${TRIALS:=6}"
 fi
 export TC_LAYERS TC_HIDDEN TC_VOCAB TC_TRIALS TC_LIMIT
-TC_ARGS=${TC_ARGS:---mergekit none}  # mergekit's TIES alone takes ~80 s on CPU; TC_ARGS="" runs it when installed
+# mergekit's TIES alone takes ~80 s on CPU (TC_ARGS="" runs it when installed); one study per method, with the
+# kernels a study picks (compiled at this size where they build): the kernels part compares compiled and eager
+TC_ARGS=${TC_ARGS:---mergekit none --fused auto}
 
 start=$(date +%s)
 "$PY" -c "from optimizer.zoo import ensure_zoo; ensure_zoo(progress=False)" >&2 || { echo "demo zoo build failed" >&2; exit 1; }
