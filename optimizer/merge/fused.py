@@ -178,8 +178,8 @@ def window_mix(base: Tensor, deltas: Sequence[Tensor], windows: Sequence, coefs:
 
     Args:
         base: base tensor.
-        deltas: the kept terms' task vectors.
-        windows: one WindowMask or None per term.
+        deltas: every model's task vector (a model that contributes nothing has an empty window).
+        windows: one WindowMask or None (keep all) per model.
         coefs: each term's coefficient (weight, rescale, and without consensus lambda / divisor folded in).
         weights: each term's raw weight (the normalisation divisor of the consensus).
         consensus, normalize, lambda_: as ``task_arithmetic``.
@@ -192,8 +192,8 @@ def window_mix(base: Tensor, deltas: Sequence[Tensor], windows: Sequence, coefs:
     for w in windows:
         if w is None or w.full:
             lo.append(-inf), hi.append(inf), cl.append(0), ch.append(n)
-        elif w.empty:
-            lo.append(inf), hi.append(-inf), cl.append(0), ch.append(n)
+        elif w.empty:  # keeps nothing: the strict `a > inf` everywhere
+            lo.append(inf), hi.append(-inf), cl.append(n), ch.append(n)
         else:
             lo.append(-inf if w.lo is None else w.lo), hi.append(inf if w.hi is None else w.hi)
             cl.append(w.cut_lo), ch.append(w.cut_hi)
