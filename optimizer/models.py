@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,11 @@ class ModelSet:
     @property
     def tensor_names(self) -> list[str]:
         return [n for n, i in self.infos.items() if i.dtype.is_floating_point]
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of one model (from the headers)."""
+        return sum(math.prod(i.shape) for i in self.infos.values())
 
     def load_resident(self, device: torch.device, progress: Any = None) -> Resident:
         """Load the anchor and every task vector onto `device`, one tensor at a time."""

@@ -187,24 +187,24 @@ def check_disk(run_root: Path, need: int) -> None:
                         "the study and its artifacts); free some space or point run_root elsewhere.")
 
 
+# Below this a model is small: thread hand-offs cost more than its math, and a merge costs milliseconds
+# (compiling the fused kernels would not pay).
+SMALL_MODEL_PARAMS = 50_000_000
+
+
 def set_threads(threads: int | None, device: torch.device, models: ModelSet) -> None:
     """CPU threads for torch. Auto (None): one thread for small models on CPU, where thread hand-offs
     cost more than the math (the demo zoo evaluates ~5x faster on 1 thread than on 2)."""
     if threads:
         torch.set_num_threads(int(threads))
-    elif device.type == "cpu":
-        params = sum(math.prod(i.shape) for i in models.infos.values())
-        if params < 50_000_000:
-            torch.set_num_threads(1)
-
-
-FUSED_MIN_PARAMS = 50_000_000  # below this a trial's merge costs milliseconds: compiling would not pay
+    elif device.type == "cpu" and models.n_params < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(1)
 
 
 def set_fused(choice: Any, device: torch.device, models: ModelSet) -> str:
     """Switch the compiled merge kernels on or off for this process; returns what the console says.
 
-    ``auto``: on when the model has >= FUSED_MIN_PARAMS parameters and torch.compile can build for the
+    ``auto``: on when the model has >= SMALL_MODEL_PARAMS parameters and torch.compile can build for the
     device (compiling costs seconds to a minute once, at the warm-up merge; a merge of a small model costs
     milliseconds). ``on`` without a compiler is a UserError, before anything is loaded."""
     from optimizer.merge import fused
@@ -218,9 +218,9 @@ def set_fused(choice: Any, device: torch.device, models: ModelSet) -> str:
         raise UserError(f"fused_kernels=on, but the compiled merge kernels cannot run on {device}: {why_not}. "
                         "Install what is missing, or use fused_kernels=auto or off (the eager kernels give "
                         "the same merges, slower).")
-    params = sum(math.prod(i.shape) for i in models.infos.values())
-    if mode == "auto" and not why_not and params < FUSED_MIN_PARAMS:
-        why_not = f"{params / 1e6:.0f}M parameters < {FUSED_MIN_PARAMS / 1e6:.0f}M"
+    params = models.n_params
+    if mode == "auto" and not why_not and params < SMALL_MODEL_PARAMS:
+        why_not = f"{params / 1e6:.0f}M parameters < {SMALL_MODEL_PARAMS / 1e6:.0f}M"
     fused.enable(not why_not)
     return "fused merge kernels on" if not why_not else f"eager merge kernels ({why_not})"
 
